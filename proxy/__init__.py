@@ -1,0 +1,28 @@
+"""llm-proxy: an OpenAI-compatible LLM gateway that routes, fails over and streams.
+
+A map of the package, a line per module:
+
+  __main__      the command line (serve, check, explain, report, demo, chaos, systemd-unit)
+  app           wiring: the aiohttp app, routes, serving loop, signals, workers
+  handlers      the HTTP edge: decode once, call the gateway, write JSON or SSE, shape errors
+  gateway       the one app-scoped object: config snapshot, state, sessions, log, metrics
+  config        providers.yaml + routes.yaml -> frozen dataclasses, errors with file and path
+  checks        warnings of `llm-proxy check`
+  signals       pure: request -> Signals (token estimate, task, format, latency, ceiling, tier)
+  router        pure: Signals + rules -> Plan (rule, reason, candidates, skipped)
+  dispatch      the one attempt loop: breaker, bucket, adapter, commit at first content, failover
+  balancer      token buckets, the state store interface, the choice of a deployment
+  breaker       closed / open / half-open per deployment
+  errors        the error tree, FailureClass and the policy table
+  transport     pooled upstream sessions and exception mapping
+  sse           SSE framing: incremental parser and encoders
+  usage         normalised token usage and its cost
+  decisions     one decision record per request and the JSON-lines log
+  metrics       Prometheus metrics derived from decision records
+  logs          structured JSON logs
+  demo          the gateway in front of the simulated fleet
+  providers/    one pure adapter per wire protocol: openai, anthropic, gemini
+  simulator/    the fake provider fleet used by tests, bench and demo
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,101 @@
+"""Circuit breaker per deployment: closed -> open -> half-open -> closed.
+
+Opens after `consecutive` failures in a row, or when at least `min_calls` calls in the
+last `window_s` seconds failed at `ratio` or more. The open interval is `Retry-After`
+when the provider gave one, otherwise `open_s`, doubling on each failed probe up to
+`max_open_s`. Half-open admits `probes` requests at a time; one success closes it.
+
+Time is always a parameter (an injected clock), so tests are exact. No I/O, no imports
+from the package.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+STATE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}    # for the metrics gauge
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    consecutive: int = 5
+    ratio: float = 0.5
+    min_calls: int = 10
+    window_s: float = 30.0
+    open_s: float = 10.0
+    max_open_s: float = 300.0
+    probes: int = 1
+
+
+class CircuitBreaker:
+    __slots__ = ("policy", "state", "opened_at", "open_until", "_open_s", "_streak", "_recent", "_probing")
+
+    def __init__(self, policy: BreakerPolicy = BreakerPolicy()) -> None:
+        self.policy = policy
+        self.state = CLOSED
+        self.opened_at = 0.0
+        self.open_until = 0.0
+        self._open_s = policy.open_s
+        self._streak = 0
+        self._recent: deque[tuple[float, bool]] = deque(maxlen=256)
+        self._probing = 0
+
+    def allows(self, now: float) -> bool:
+        """Whether a request may go now; in half-open this takes one probe slot."""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN:
+            if now < self.open_until:
+                return False
+            self.state = HALF_OPEN
+            self._probing = 0
+        if self._probing < self.policy.probes:
+            self._probing += 1
+            return True
+        return False
+
+    def force_probe(self, now: float) -> None:
+        """Admit one request although open: used when every candidate's breaker is open."""
+        self.state = HALF_OPEN
+        self._probing += 1
+
+    def record_success(self, now: float) -> None:
+        self._recent.append((now, True))
+        self._streak = 0
+        if self.state != CLOSED:
+            self.state = CLOSED
+            self._open_s = self.policy.open_s
+            self._probing = 0
+
+    def record_failure(self, now: float, open_for: float | None = None) -> None:
+        self._recent.append((now, False))
+        self._streak += 1
+        if self.state == HALF_OPEN:
+            self._open_s = min(self._open_s * 2, self.policy.max_open_s)
+            self.trip(now, open_for if open_for is not None else self._open_s)
+        elif self._streak >= self.policy.consecutive or self._ratio_exceeded(now):
+            self.trip(now, open_for if open_for is not None else self._open_s)
+
+    def release_probe(self) -> None:
+        """A probe ended without a verdict (for example the client went away)."""
+        if self._probing:
+            self._probing -= 1
+
+    def trip(self, now: float, duration: float) -> None:
+        if self.state != OPEN:
+            self.opened_at = now
+        self.state = OPEN
+        self.open_until = max(self.open_until, now + duration)
+        self._probing = 0
+
+    def _ratio_exceeded(self, now: float) -> bool:
+        horizon = now - self.policy.window_s
+        recent = self._recent
+        while recent and recent[0][0] < horizon:
+            recent.popleft()
+        if len(recent) < self.policy.min_calls:
+            return False
+        failures = sum(1 for _, ok in recent if not ok)
+        return failures / len(recent) >= self.policy.ratio

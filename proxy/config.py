@@ -1,0 +1,551 @@
+"""providers.yaml + routes.yaml -> one frozen `Config`.
+
+Owns: parsing, validation (unknown keys, wrong types, dangling references) and the
+warnings of `llm-proxy check`. Every error names the file and the YAML path, for
+example ``routes.yaml: rules[2].when.tier: unknown operator 'gte'``.
+
+Secrets are read from the environment here and kept out of every ``repr``.
+Must not import the server, the router or any provider adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+PROTOCOLS = ("openai", "anthropic", "gemini")
+STRATEGIES = ("weighted", "least_loaded", "lowest_latency", "cheapest")
+CAPABILITIES = ("code", "json", "tools", "vision", "prefill", "reasoning")
+SIGNAL_NAMES = (
+    "input_tokens", "max_tokens", "task_type", "tier", "latency", "output_format",
+    "tools", "images", "region", "key",
+)
+NUMERIC_SIGNALS = ("input_tokens", "max_tokens")
+OPERATORS = ("in", "gt", "gte", "lt", "lte", "exists")
+LATENCY_CLASSES = ("realtime", "interactive", "batch")
+OUTPUT_FORMATS = ("text", "json_object", "json_schema")
+
+
+class ConfigError(Exception):
+    """A config file is invalid; the message names the file and the YAML path."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect_s: float = 5.0
+    first_token_s: float = 15.0
+    idle_s: float = 30.0
+    total_s: float = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    rpm: int | None = None
+    tpm: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cached_input: float | None = None
+    cache_write: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    api: str
+    base_url: str
+    api_key_env: str | None
+    region: str | None
+    limits: Limits
+    timeouts: Timeouts
+    headers: Mapping[str, str]
+    query: Mapping[str, str]
+    auth_header: str | None
+    api_key: str | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    id: str                 # "<model>/<provider>/<index>": stable across reloads
+    provider: Provider
+    upstream_model: str
+    weight: float
+    limits: Limits
+    price: Price            # the model's price unless the deployment sets its own
+
+    @property
+    def region(self) -> str | None:
+        return self.provider.region
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    tier: int
+    context_window: int
+    max_output_tokens: int
+    price: Price
+    capabilities: frozenset[str]
+    deployments: tuple[Deployment, ...]
+    strategy: str = "weighted"
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    signal: str
+    op: str                 # eq | in | gt | gte | lt | lte | exists
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    when: tuple[Condition, ...]
+    chain: str
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    name: str
+    models: tuple[str, ...]
+    on_stream_failure: str = "error"            # error | continue
+    fallback_on_content_policy: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayKey:
+    name: str
+    tier: str
+    trust_tier_header: bool
+    allow: frozenset[str] | None                # models and chains; None means all
+    rpm: int | None
+    sha256: bytes = field(repr=False, compare=False, default=b"")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_messages: int = 2048
+    max_attempts: int = 6
+    max_retry_wait_s: float = 10.0
+    request_timeout_s: float = 600.0
+    default_tier: str = "standard"
+    decision_log: str = "stdout"                # "stdout", "off" or a file path
+    cors_origins: tuple[str, ...] = ()
+    drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    providers: Mapping[str, Provider]
+    models: Mapping[str, Model]
+    chains: Mapping[str, Chain]
+    rules: tuple[Rule, ...]
+    default: str
+    fallbacks: Mapping[str, tuple[str, ...]]
+    keys: tuple[GatewayKey, ...]
+    auth_required: bool                         # routes.yaml has a keys: section
+    server: ServerSettings
+    providers_path: str
+    routes_path: str
+
+
+# --------------------------------------------------------------------------- reader
+
+
+class _Node:
+    """A YAML value plus its location, so that every error can say where it is."""
+
+    __slots__ = ("value", "file", "path")
+
+    def __init__(self, value: Any, file: str, path: str) -> None:
+        self.value = value
+        self.file = file
+        self.path = path
+
+    def error(self, message: str) -> ConfigError:
+        where = f"{self.file}: {self.path}" if self.path else self.file
+        return ConfigError(f"{where}: {message}")
+
+    def child(self, key: str | int) -> _Node:
+        value = self.value[key]
+        if isinstance(key, int):
+            path = f"{self.path}[{key}]"
+        else:
+            path = f"{self.path}.{key}" if self.path else str(key)
+        return _Node(value, self.file, path)
+
+    def mapping(self, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, _Node]:
+        if not isinstance(self.value, dict):
+            raise self.error(f"expected a mapping, got {_kind(self.value)}")
+        out: dict[str, _Node] = {}
+        for key in self.value:
+            if not isinstance(key, str) or key not in allowed:
+                raise self.child(str(key)).error(f"unknown key (allowed: {', '.join(allowed)})")
+            out[key] = self.child(key)
+        for key in required:
+            if key not in out:
+                raise self.error(f"missing required key '{key}'")
+        return out
+
+    def entries(self) -> list[tuple[str, _Node]]:
+        if self.value is None:
+            return []
+        if not isinstance(self.value, dict):
+            raise self.error(f"expected a mapping, got {_kind(self.value)}")
+        return [(str(k), self.child(k)) for k in self.value]
+
+    def items(self) -> list[_Node]:
+        if self.value is None:
+            return []
+        if not isinstance(self.value, list):
+            raise self.error(f"expected a list, got {_kind(self.value)}")
+        return [self.child(i) for i in range(len(self.value))]
+
+    def string(self) -> str:
+        if not isinstance(self.value, str) or not self.value:
+            raise self.error(f"expected a non-empty string, got {_kind(self.value)}")
+        return self.value
+
+    def number(self, minimum: float = 0.0) -> float:
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
+            raise self.error(f"expected a number, got {_kind(self.value)}")
+        if self.value < minimum:
+            raise self.error(f"must be >= {minimum}")
+        return float(self.value)
+
+    def integer(self, minimum: int = 0) -> int:
+        if isinstance(self.value, bool) or not isinstance(self.value, int):
+            raise self.error(f"expected an integer, got {_kind(self.value)}")
+        if self.value < minimum:
+            raise self.error(f"must be >= {minimum}")
+        return self.value
+
+    def boolean(self) -> bool:
+        if not isinstance(self.value, bool):
+            raise self.error(f"expected true or false, got {_kind(self.value)}")
+        return self.value
+
+    def choice(self, options: tuple[str, ...]) -> str:
+        value = self.string()
+        if value not in options:
+            raise self.error(f"'{value}' is not one of {', '.join(options)}")
+        return value
+
+    def strings(self) -> tuple[str, ...]:
+        return tuple(n.string() for n in self.items())
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _opt(nodes: dict[str, _Node], key: str, read: Callable[[_Node], Any], default: Any) -> Any:
+    node = nodes.get(key)
+    return default if node is None else read(node)
+
+
+def _load_yaml(path: Path) -> _Node:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    return _Node({} if data is None else data, path.name, "")
+
+
+# --------------------------------------------------------------------------- providers.yaml
+
+
+def _limits(node: _Node) -> Limits:
+    m = node.mapping(("rpm", "tpm"))
+    return Limits(rpm=_opt(m, "rpm", lambda n: n.integer(1), None),
+                  tpm=_opt(m, "tpm", lambda n: n.integer(1), None))
+
+
+def _timeouts(node: _Node) -> Timeouts:
+    m = node.mapping(("connect_s", "first_token_s", "idle_s", "total_s"))
+    d = Timeouts()
+    return Timeouts(
+        connect_s=_opt(m, "connect_s", lambda n: n.number(0.001), d.connect_s),
+        first_token_s=_opt(m, "first_token_s", lambda n: n.number(0.001), d.first_token_s),
+        idle_s=_opt(m, "idle_s", lambda n: n.number(0.001), d.idle_s),
+        total_s=_opt(m, "total_s", lambda n: n.number(0.001), d.total_s),
+    )
+
+
+def _price(node: _Node) -> Price:
+    m = node.mapping(("input", "output", "cached_input", "cache_write"), ("input", "output"))
+    return Price(
+        input=m["input"].number(), output=m["output"].number(),
+        cached_input=_opt(m, "cached_input", _Node.number, None),
+        cache_write=_opt(m, "cache_write", _Node.number, None),
+    )
+
+
+def _str_map(node: _Node) -> dict[str, str]:
+    return {k: v.string() for k, v in node.entries()}
+
+
+def _provider(name: str, node: _Node, env: Mapping[str, str]) -> Provider:
+    m = node.mapping(
+        ("api", "base_url", "api_key_env", "region", "limits", "timeouts", "headers", "query", "auth_header"),
+        ("api", "base_url"),
+    )
+    base_url = m["base_url"].string().rstrip("/")
+    if not base_url.startswith(("http://", "https://")):
+        raise m["base_url"].error("must start with http:// or https://")
+    key_env = _opt(m, "api_key_env", _Node.string, None)
+    return Provider(
+        name=name,
+        api=m["api"].choice(PROTOCOLS),
+        base_url=base_url,
+        api_key_env=key_env,
+        region=_opt(m, "region", _Node.string, None),
+        limits=_opt(m, "limits", _limits, Limits()),
+        timeouts=_opt(m, "timeouts", _timeouts, Timeouts()),
+        headers=_opt(m, "headers", _str_map, {}),
+        query=_opt(m, "query", _str_map, {}),
+        auth_header=_opt(m, "auth_header", _Node.string, None),
+        api_key=env.get(key_env) if key_env else None,
+    )
+
+
+def _model(name: str, node: _Node, providers: Mapping[str, Provider]) -> Model:
+    m = node.mapping(
+        ("tier", "context_window", "max_output_tokens", "price", "capabilities", "deployments", "strategy"),
+        ("tier", "context_window", "price", "deployments"),
+    )
+    caps = m.get("capabilities")
+    capabilities = frozenset(n.choice(CAPABILITIES) for n in caps.items()) if caps else frozenset()
+    context_window = m["context_window"].integer(1)
+    price = _price(m["price"])
+    deployments = []
+    for i, dnode in enumerate(m["deployments"].items()):
+        d = dnode.mapping(("provider", "model", "weight", "limits", "price"), ("provider",))
+        pname = d["provider"].string()
+        if pname not in providers:
+            raise d["provider"].error(f"unknown provider '{pname}' (not in providers:)")
+        deployments.append(Deployment(
+            id=f"{name}/{pname}/{i}",
+            provider=providers[pname],
+            upstream_model=_opt(d, "model", _Node.string, name),
+            weight=_opt(d, "weight", lambda n: n.number(0.0001), 1.0),
+            limits=_opt(d, "limits", _limits, Limits()),
+            price=_opt(d, "price", _price, price),
+        ))
+    if not deployments:
+        raise m["deployments"].error("a model needs at least one deployment")
+    return Model(
+        name=name,
+        tier=m["tier"].integer(0),
+        context_window=context_window,
+        max_output_tokens=_opt(m, "max_output_tokens", lambda n: n.integer(1), min(4096, context_window)),
+        price=price,
+        capabilities=capabilities,
+        deployments=tuple(deployments),
+        strategy=_opt(m, "strategy", lambda n: n.choice(STRATEGIES), "weighted"),
+    )
+
+
+# --------------------------------------------------------------------------- routes.yaml
+
+
+def _condition(signal: str, node: _Node) -> list[Condition]:
+    if signal not in SIGNAL_NAMES:
+        raise node.error(f"unknown signal (known: {', '.join(SIGNAL_NAMES)})")
+    value = node.value
+    if not isinstance(value, dict):
+        if isinstance(value, (list, type(None))):
+            raise node.error("expected a plain value or an operator mapping such as {in: [...]}")
+        return [Condition(signal, "eq", value)]
+    out = []
+    for op, arg in node.entries():
+        if op not in OPERATORS:
+            raise arg.error(f"unknown operator (known: {', '.join(OPERATORS)})")
+        if op == "in":
+            if not isinstance(arg.value, list):
+                raise arg.error("'in' takes a list")
+            out.append(Condition(signal, "in", frozenset(arg.value)))
+        elif op == "exists":
+            out.append(Condition(signal, "exists", arg.boolean()))
+        else:
+            if signal not in NUMERIC_SIGNALS:
+                raise arg.error(f"'{op}' needs a numeric signal ({', '.join(NUMERIC_SIGNALS)})")
+            out.append(Condition(signal, op, arg.number(minimum=-1e18)))
+    return out
+
+
+def _chain(name: str, node: _Node) -> Chain:
+    if isinstance(node.value, list):
+        return Chain(name, node.strings())
+    m = node.mapping(("models", "on_stream_failure", "fallback_on_content_policy"), ("models",))
+    return Chain(
+        name=name,
+        models=m["models"].strings(),
+        on_stream_failure=_opt(m, "on_stream_failure", lambda n: n.choice(("error", "continue")), "error"),
+        fallback_on_content_policy=_opt(m, "fallback_on_content_policy", _Node.boolean, False),
+    )
+
+
+def _key(node: _Node, env: Mapping[str, str]) -> GatewayKey | None:
+    m = node.mapping(("name", "key_env", "key_sha256", "tier", "trust_tier_header", "allow", "rpm"), ("name", "tier"))
+    if ("key_env" in m) == ("key_sha256" in m):
+        raise node.error("give exactly one of key_env or key_sha256")
+    if "key_env" in m:
+        secret = env.get(m["key_env"].string())
+        if not secret:
+            return None     # `check` warns; an unset key simply admits nobody
+        digest = hashlib.sha256(secret.encode()).digest()
+    else:
+        hexdigest = m["key_sha256"].string().lower()
+        try:
+            digest = bytes.fromhex(hexdigest)
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise m["key_sha256"].error("expected 64 hex digits")
+    allow = m.get("allow")
+    return GatewayKey(
+        name=m["name"].string(),
+        tier=m["tier"].string(),
+        trust_tier_header=_opt(m, "trust_tier_header", _Node.boolean, False),
+        allow=frozenset(allow.strings()) if allow is not None else None,
+        rpm=_opt(m, "rpm", lambda n: n.integer(1), None),
+        sha256=digest,
+    )
+
+
+def _server(node: _Node) -> ServerSettings:
+    m = node.mapping((
+        "max_body_bytes", "max_messages", "max_attempts", "max_retry_wait_s", "request_timeout_s",
+        "default_tier", "decision_log", "cors_origins", "drain_timeout_s",
+    ))
+    d = ServerSettings()
+    return ServerSettings(
+        max_body_bytes=_opt(m, "max_body_bytes", lambda n: n.integer(1024), d.max_body_bytes),
+        max_messages=_opt(m, "max_messages", lambda n: n.integer(1), d.max_messages),
+        max_attempts=_opt(m, "max_attempts", lambda n: n.integer(1), d.max_attempts),
+        max_retry_wait_s=_opt(m, "max_retry_wait_s", _Node.number, d.max_retry_wait_s),
+        request_timeout_s=_opt(m, "request_timeout_s", lambda n: n.number(0.001), d.request_timeout_s),
+        default_tier=_opt(m, "default_tier", _Node.string, d.default_tier),
+        decision_log=_opt(m, "decision_log", _Node.string, d.decision_log),
+        cors_origins=_opt(m, "cors_origins", _Node.strings, d.cors_origins),
+        drain_timeout_s=_opt(m, "drain_timeout_s", _Node.number, d.drain_timeout_s),
+    )
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load(providers_path: str | os.PathLike[str], routes_path: str | os.PathLike[str],
+         env: Mapping[str, str] | None = None) -> Config:
+    """Read, validate and cross-check both files. Raises ConfigError naming file and path."""
+    env = os.environ if env is None else env
+    p_root = _load_yaml(Path(providers_path)).mapping(("providers", "models"), ("providers", "models"))
+    providers = {name: _provider(name, n, env) for name, n in p_root["providers"].entries()}
+    models = {name: _model(name, n, providers) for name, n in p_root["models"].entries()}
+
+    r_root = _load_yaml(Path(routes_path)).mapping(
+        ("chains", "rules", "default", "fallbacks", "keys", "server"), ("chains", "default"))
+    chains = {name: _chain(name, n) for name, n in r_root["chains"].entries()}
+    for name, chain in chains.items():
+        if not chain.models:
+            raise r_root["chains"].child(name).error("a chain needs at least one model")
+        for i, model in enumerate(chain.models):
+            if model not in models:
+                node = r_root["chains"].child(name)
+                at = node.child("models").child(i) if isinstance(node.value, dict) else node.child(i)
+                raise at.error(f"unknown model '{model}' (not in providers.yaml models:)")
+        if name in models or name == "auto":
+            raise r_root["chains"].child(name).error("a chain cannot share its name with a model or 'auto'")
+
+    rules = []
+    for rnode in (r_root["rules"].items() if "rules" in r_root else []):
+        r = rnode.mapping(("name", "when", "chain"), ("name", "chain"))
+        chain_name = r["chain"].string()
+        if chain_name not in chains:
+            raise r["chain"].error(f"unknown chain '{chain_name}'")
+        when: list[Condition] = []
+        for signal, cnode in (r["when"].entries() if "when" in r else []):
+            when.extend(_condition(signal, cnode))
+        rules.append(Rule(r["name"].string(), tuple(when), chain_name))
+    names = [r.name for r in rules]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise r_root["rules"].child(i).child("name").error(f"duplicate rule name '{name}'")
+
+    default = r_root["default"].string()
+    if default not in chains:
+        raise r_root["default"].error(f"unknown chain '{default}'")
+
+    fallbacks: dict[str, tuple[str, ...]] = {}
+    if "fallbacks" in r_root:
+        for name, fnode in r_root["fallbacks"].entries():
+            if name not in models:
+                raise fnode.error(f"unknown model '{name}'")
+            targets = fnode.strings()
+            for i, target in enumerate(targets):
+                if target not in models:
+                    raise fnode.child(i).error(f"unknown model '{target}'")
+            fallbacks[name] = targets
+
+    keys: list[GatewayKey] = []
+    if "keys" in r_root:
+        for knode in r_root["keys"].items():
+            key = _key(knode, env)
+            if key is None:
+                continue
+            for target in key.allow or ():
+                if target not in models and target not in chains and target != "auto":
+                    raise knode.child("allow").error(f"unknown model or chain '{target}'")
+            keys.append(key)
+
+    return Config(
+        providers=providers, models=models, chains=chains, rules=tuple(rules), default=default,
+        fallbacks=fallbacks, keys=tuple(keys), auth_required="keys" in r_root,
+        server=_opt(r_root, "server", _server, ServerSettings()),
+        providers_path=str(providers_path), routes_path=str(routes_path),
+    )
+
+
+def replace_providers(config: Config, change: Callable[[Provider], Provider]) -> Config:
+    """The same config with every provider passed through `change` (demo, chaos and tests
+    point the shipped config at the simulator this way)."""
+    import dataclasses
+
+    providers = {name: change(p) for name, p in config.providers.items()}
+    models = {
+        name: dataclasses.replace(m, deployments=tuple(
+            dataclasses.replace(d, provider=providers[d.provider.name]) for d in m.deployments))
+        for name, m in config.models.items()
+    }
+    return dataclasses.replace(config, providers=providers, models=models)
+
+
+def declared_keys(routes_path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
+    """(name, key_env) of every key in routes.yaml, set or not: for `check` warnings."""
+    root = _load_yaml(Path(routes_path))
+    out = []
+    for item in (root.value.get("keys") or []) if isinstance(root.value, dict) else []:
+        if isinstance(item, dict):
+            out.append((str(item.get("name")), item.get("key_env")))
+    return out

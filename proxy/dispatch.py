@@ -1,0 +1,395 @@
+"""The one attempt loop: breaker, bucket, adapter, commit at first content, failover.
+
+For each candidate of the plan, in order, the balancer picks a deployment that its
+breaker admits and whose buckets have room; the attempt's failure is classified once and
+`errors.POLICY` says whether to retry the same deployment (once, after Retry-After or a
+short jittered backoff), try another deployment or candidate, or give the caller the
+provider's reason. Attempts per request are bounded by `server.max_attempts`.
+
+Streaming commit point: nothing reaches the client until the upstream has sent its first
+content-bearing event; until then any failure moves to the next attempt unseen. After it,
+bytes flow as they arrive; a stall or a cut ends the client's stream with an OpenAI-style
+error event and no `[DONE]`, unless the chain opted into continuation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol
+
+import aiohttp
+
+from .balancer import Balancer, Refusal, Reservation, reservation_tokens
+from .config import Chain, Deployment, ServerSettings
+from .decisions import AttemptRecord, Decision
+from .errors import POLICY, FailureClass, GatewayError, UpstreamFailure, error_body
+from .providers import Adapter
+from .router import Candidate, Plan
+from .signals import Signals
+from .sse import DONE_FRAME, SSEParser, frame
+from .transport import Transport, failure_from_exception, read_error_body
+from .usage import Usage, cost_usd
+
+if TYPE_CHECKING:
+    from .balancer import StateStore
+
+AUTH_OPEN_S = 300.0
+BACKOFF_S = (0.05, 0.25)        # jittered wait before the one retry of a 5xx or reset
+RATE_LIMIT_BACKOFF_S = (0.2, 0.6)
+
+
+class ClientStream(Protocol):
+    """Where a streamed answer goes; `commit` sends the status line and headers."""
+
+    committed: bool
+
+    async def commit(self, headers: Mapping[str, str]) -> None: ...
+    async def write(self, data: bytes) -> None: ...
+    async def finish(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One client request in flight: what dispatch needs to know about it."""
+
+    request_id: str
+    body: dict[str, Any]
+    signals: Signals
+    plan: Plan
+    decision: Decision
+    deadline: float             # monotonic
+
+
+class StreamBroken(Exception):
+    """A committed stream failed; the client already has part of the answer (`text`)."""
+
+    def __init__(self, failure: UpstreamFailure, text: list[str] | None = None) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+        self.text = text or []
+
+
+class ClientGone(Exception):
+    """The client closed its connection; raised by `ClientStream` writes."""
+
+
+class Dispatcher:
+    def __init__(self, adapters: Mapping[str, Adapter], transport: Transport, state: StateStore,
+                 settings: ServerSettings, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.adapters = adapters
+        self.transport = transport
+        self.state = state
+        self.balancer = Balancer(state)
+        self.settings = settings
+        self.clock = clock
+        self.sleep = sleep
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, ex: Exchange, client: ClientStream | None) -> bytes | None:
+        """Serve `ex`: returns the JSON body for a plain request, or None once streamed.
+
+        Raises GatewayError when no attempt could serve and nothing was committed.
+        """
+        chain: Chain | None = ex.plan.chain_config
+        tokens = reservation_tokens(ex.signals.input_tokens, ex.signals.max_tokens)
+        budget = self.settings.max_attempts
+        rate_limited_wait: float | None = None
+        open_longest: Deployment | None = None
+        min_context = 0
+        prefill: str | None = None                  # text streamed so far, once continuing
+        last_caller: UpstreamFailure | None = None
+
+        for candidate in ex.plan.candidates:
+            model = candidate.model
+            if model.context_window <= min_context:
+                ex.decision.skipped.append({"model": model.name, "reason": "context window not larger "
+                                            "than a model that reported context_length_exceeded"})
+                continue
+            if prefill is not None and "prefill" not in model.capabilities:
+                ex.decision.skipped.append({"model": model.name, "reason": "cannot continue a prefilled answer"})
+                continue
+            excluded: set[str] = set()
+            retried: set[str] = set()
+            while budget > 0:
+                choice = self.balancer.choose(candidate.deployments, model.strategy, tokens, self.clock(), excluded)
+                if isinstance(choice, Refusal):
+                    if choice.reason == "rate_limited":
+                        rate_limited_wait = min(rate_limited_wait or math.inf, choice.retry_after)
+                    elif choice.reason == "breaker_open" and open_longest is None:
+                        open_longest = choice.longest_open
+                    break
+                budget -= 1
+                outcome = await self._attempt(ex, candidate, choice, client, prefill)
+                if outcome is None or isinstance(outcome, bytes):
+                    return outcome
+                failure = outcome
+                if isinstance(failure, StreamBroken):
+                    if chain is None or chain.on_stream_failure != "continue" or client is None:
+                        await self._end_with_error(ex, client, failure.failure)
+                        return None
+                    prefill = (prefill or "") + "".join(failure.text)
+                    excluded.add(choice.deployment.id)
+                    break                                       # continue on the next candidate
+                policy = POLICY[failure.kind]
+                if failure.kind is FailureClass.CONTENT_POLICY and chain is not None \
+                        and chain.fallback_on_content_policy:
+                    excluded.add(choice.deployment.id)
+                    break
+                if not policy.fallback:
+                    last_caller = failure
+                    budget = 0
+                    break
+                if failure.kind is FailureClass.CONTEXT_LENGTH:
+                    min_context = max(min_context, model.context_window)
+                    last_caller = failure
+                    break
+                wait = self._retry_wait(failure, ex.deadline)
+                if policy.retry_same and choice.deployment.id not in retried and wait is not None and budget > 0:
+                    retried.add(choice.deployment.id)
+                    await self.sleep(wait)
+                    continue
+                excluded.add(choice.deployment.id)
+            if budget <= 0:
+                break
+
+        if not ex.decision.attempts and open_longest is not None and budget > 0:
+            # Every candidate's breaker is open: probe the one open longest rather than fail untried.
+            candidate = next(c for c in ex.plan.candidates if open_longest in c.deployments)
+            reservation = self.balancer.force(open_longest, tokens, self.clock())
+            outcome = await self._attempt(ex, candidate, reservation, client, None)
+            if outcome is None or isinstance(outcome, bytes):
+                return outcome
+            if isinstance(outcome, StreamBroken):
+                await self._end_with_error(ex, client, outcome.failure)
+                return None
+        if client is not None and client.committed:
+            await self._end_with_error(ex, client, UpstreamFailure(
+                FailureClass.PROTOCOL, "no candidate could continue the interrupted answer"))
+            return None
+        raise final_error(ex.decision.attempts, last_caller, rate_limited_wait)
+
+    def _retry_wait(self, failure: UpstreamFailure, deadline: float) -> float | None:
+        """Seconds to wait before retrying the same deployment, or None when it does not fit."""
+        if failure.kind is FailureClass.RATE_LIMITED:
+            wait = failure.retry_after if failure.retry_after is not None else random.uniform(*RATE_LIMIT_BACKOFF_S)
+            if wait > self.settings.max_retry_wait_s:
+                return None
+        else:
+            wait = random.uniform(*BACKOFF_S)
+        return wait if self.clock() + wait < deadline - 0.5 else None
+
+    # ------------------------------------------------------------------ one attempt
+
+    async def _attempt(self, ex: Exchange, candidate: Candidate, reservation: Reservation,
+                       client: ClientStream | None, prefill: str | None
+                       ) -> bytes | None | UpstreamFailure | StreamBroken:
+        deployment = reservation.deployment
+        adapter = self.adapters[deployment.provider.api]
+        record = AttemptRecord(candidate.model.name, deployment.id, deployment.provider.name, self.clock())
+        ex.decision.attempts.append(record)
+        breaker = self.state.breaker(deployment.id)
+        used_tokens: int | None = None
+        verdict: str | None = None          # "ok" | "fail" | None (no verdict: client left)
+        try:
+            request = adapter.build(deployment, ex.body, ex.signals.stream, prefill)
+            if ex.decision.overhead_ms is None:
+                ex.decision.overhead_ms = round((self.clock() - ex.decision.started) * 1000, 3)
+            if client is None:
+                body, usage = await self._plain(adapter, deployment, request, record, ex.deadline)
+            else:
+                usage = await self._streamed(ex, adapter, candidate, deployment, request, record, client)
+                body = None
+            verdict = "ok"
+            used_tokens = usage.total_tokens if usage else None
+            self._served(ex, candidate, deployment, record, usage)
+            return body
+        except StreamBroken as broken:
+            verdict = "fail"
+            self._failed(record, broken.failure)
+            return broken
+        except UpstreamFailure as failure:
+            verdict = "fail" if POLICY[failure.kind].breaker else None
+            self._failed(record, failure)
+            if failure.kind is FailureClass.AUTH:
+                breaker.trip(self.clock(), AUTH_OPEN_S)
+            elif failure.kind is FailureClass.RATE_LIMITED:
+                breaker.trip(self.clock(), failure.retry_after if failure.retry_after is not None
+                             else RATE_LIMIT_BACKOFF_S[1])
+            elif failure.kind in (FailureClass.CALLER, FailureClass.CONTENT_POLICY, FailureClass.CONTEXT_LENGTH):
+                verdict = "ok"      # the deployment answered correctly; the request was wrong
+            return failure
+        finally:
+            now = self.clock()
+            record.duration_s = now - record.started
+            if verdict == "ok":
+                breaker.record_success(now)
+            elif verdict == "fail":
+                breaker.record_failure(now, None)
+            else:
+                breaker.release_probe()
+            self.balancer.settle(reservation, used_tokens, now)
+
+    def _failed(self, record: AttemptRecord, failure: UpstreamFailure) -> None:
+        record.failure = failure.kind.value
+        record.status = failure.status
+        record.message = failure.message
+
+    def _served(self, ex: Exchange, candidate: Candidate, deployment: Deployment, record: AttemptRecord,
+                usage: Usage | None) -> None:
+        record.served = True
+        record.usage = usage
+        decision = ex.decision
+        decision.served_model = candidate.model.name
+        decision.served_provider = deployment.provider.name
+        if usage is None:
+            decision.cost_estimated = True
+        else:
+            record.cost_usd = cost_usd(usage, deployment.price)
+            decision.usage = usage
+            decision.cost_usd = record.cost_usd
+        if record.ttfb_s is not None:
+            self.state.stats(deployment.id).observe_ttft(record.ttfb_s)
+
+    def route_headers(self, ex: Exchange, candidate: Candidate, deployment: Deployment) -> dict[str, str]:
+        return {
+            "X-Request-Id": ex.request_id,
+            "X-Route-Rule": ex.plan.rule,
+            "X-Route-Model": candidate.model.name,
+            "X-Route-Provider": deployment.provider.name,
+            "X-Route-Attempts": str(len(ex.decision.attempts)),
+        }
+
+    async def _plain(self, adapter: Adapter, deployment: Deployment, request: Any, record: AttemptRecord,
+                     deadline: float) -> tuple[bytes, Usage | None]:
+        timeouts = deployment.provider.timeouts
+        limit = max(0.001, min(timeouts.total_s, deadline - self.clock()))
+        headers_received = False
+        try:
+            async with asyncio.timeout(limit):
+                async with await self.transport.send(deployment.provider, request) as response:
+                    headers_received = True
+                    if response.status != 200:
+                        raise adapter.classify(response.status, response.headers, await read_error_body(response))
+                    payload = await response.read()
+                    record.ttfb_s = self.clock() - record.started
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            raise failure_from_exception(exc, headers_received) from None
+        return adapter.parse(payload, deployment)
+
+    async def _streamed(self, ex: Exchange, adapter: Adapter, candidate: Candidate, deployment: Deployment,
+                        request: Any, record: AttemptRecord, client: ClientStream) -> Usage | None:
+        timeouts = deployment.provider.timeouts
+        collect = ex.plan.chain_config is not None and ex.plan.chain_config.on_stream_failure == "continue"
+        translator = adapter.stream(deployment, ex.signals.include_usage, collect)
+        parser = SSEParser()
+        loop = asyncio.get_running_loop()
+        end_total = min(self.clock() + timeouts.total_s, ex.deadline)
+        headers_received = False
+        response: aiohttp.ClientResponse | None = None
+        try:
+            # Phase 1: until the first content, everything is held back and any failure is unseen.
+            pending: list[bytes] = []
+            async with asyncio.timeout(max(0.001, min(timeouts.first_token_s, end_total - self.clock()))):
+                response = await self.transport.send(deployment.provider, request)
+                headers_received = True
+                if response.status != 200:
+                    raise adapter.classify(response.status, response.headers, await read_error_body(response))
+                content = response.content
+                while not translator.content_seen and not translator.finished:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    for event in parser.feed(chunk):
+                        pending.extend(translator.feed(event.name, event.data))
+                if not translator.content_seen:
+                    raise UpstreamFailure(FailureClass.PROTOCOL, "stream ended before any content")
+            record.ttfb_s = self.clock() - record.started
+            if not client.committed:
+                await client.commit(self.route_headers(ex, candidate, deployment))
+                ex.decision.ttft_ms = round((self.clock() - ex.decision.started) * 1000, 3)
+            if pending:
+                await client.write(b"".join(frame(p) for p in pending))
+
+            # Phase 2: bytes flow as they arrive; the idle timer restarts on every read.
+            try:
+                async with asyncio.timeout(timeouts.idle_s) as idle:
+                    while not translator.finished:
+                        chunk = await content.readany()
+                        if not chunk:
+                            break
+                        out = [frame(p) for ev in parser.feed(chunk) for p in translator.feed(ev.name, ev.data)]
+                        if out:
+                            await client.write(out[0] if len(out) == 1 else b"".join(out))
+                        idle.reschedule(loop.time() + min(timeouts.idle_s, end_total - self.clock()))
+            except (asyncio.TimeoutError, TimeoutError):
+                raise StreamBroken(UpstreamFailure(
+                    FailureClass.TIMEOUT, f"upstream stalled for {timeouts.idle_s:g}s after content"),
+                    translator.text) from None
+            except UpstreamFailure as failure:
+                failure.in_stream = True
+                raise StreamBroken(failure, translator.text) from None
+            except (aiohttp.ClientError, ConnectionError) as exc:
+                raise StreamBroken(failure_from_exception(exc, True), translator.text) from None
+            if not translator.finished and translator.finish_reason is None:
+                raise StreamBroken(UpstreamFailure(FailureClass.PROTOCOL, "upstream stream was cut before its end"),
+                                   translator.text)
+            tail = translator.close()
+            await client.write(b"".join(frame(p) for p in tail) + DONE_FRAME)
+            await client.finish()
+            return translator.usage
+        except (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError) as exc:
+            raise failure_from_exception(exc, headers_received) from None
+        finally:
+            if response is not None:
+                if translator.finished:
+                    response.release()      # complete: the connection goes back to the pool
+                else:
+                    response.close()        # abandoned: never reuse a half-read connection
+
+    async def _end_with_error(self, ex: Exchange, client: ClientStream | None, failure: UpstreamFailure) -> None:
+        """After the commit the only honest end is an error event, never a clean close."""
+        ex.decision.outcome = "stream_error"
+        ex.decision.error = str(failure)
+        if client is None:
+            return
+        try:
+            await client.write(frame(error_body(f"upstream stream failed: {failure.message}", "upstream_error",
+                                                f"stream_{failure.kind.value}")))
+            await client.finish()
+        except ClientGone:
+            ex.decision.outcome = "client_disconnected"
+
+
+def final_error(attempts: list[AttemptRecord], caller: UpstreamFailure | None,
+                rate_limited_wait: float | None) -> GatewayError:
+    """The answer when nothing served: its status is derived from what the attempts saw."""
+    if caller is not None:
+        status = caller.status or 400
+        kind = {FailureClass.CONTENT_POLICY: "invalid_request_error",
+                FailureClass.CONTEXT_LENGTH: "invalid_request_error"}.get(caller.kind, "invalid_request_error")
+        code = caller.code or caller.kind.value
+        return GatewayError(status if 400 <= status < 500 else 400, caller.message, kind, code,
+                            outcome=caller.kind.value)
+    listing = "; ".join(f"{a.model} via {a.provider}: {a.failure}{f' {a.status}' if a.status else ''}"
+                        f" ({a.message})" for a in attempts)
+    kinds = {a.failure for a in attempts}
+    if not attempts and rate_limited_wait is None:
+        return GatewayError(502, "no deployment of any candidate is available", "upstream_error",
+                            "no_deployment", outcome="upstream_failed")
+    if not attempts or kinds == {FailureClass.RATE_LIMITED.value}:
+        waits = [w for w in (rate_limited_wait,) if w is not None]
+        retry = max(1, math.ceil(min(waits))) if waits else 1
+        message = "every candidate is rate-limited" + (f" ({listing})" if listing else "")
+        return GatewayError(429, message, "rate_limit_error", "rate_limited",
+                            headers={"Retry-After": str(retry)}, outcome="rate_limited")
+    if kinds == {FailureClass.TIMEOUT.value}:
+        return GatewayError(504, f"every attempt timed out ({listing})", "upstream_error", "upstream_timeout",
+                            outcome="timeout")
+    return GatewayError(502, f"every attempt failed upstream ({listing})", "upstream_error", "upstream_failed",
+                        outcome="upstream_failed")

@@ -1,0 +1,106 @@
+"""The error tree: what a client is told, and how an upstream failure is classified.
+
+`GatewayError` is everything the gateway answers with an error status; it renders
+OpenAI's error shape. `UpstreamFailure` is one failed attempt, classified once into a
+`FailureClass`; the `POLICY` table then decides retry, fallback and breaker impact, so
+no other module needs to reason about status codes.
+
+Imports nothing from the package.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+
+class FailureClass(enum.Enum):
+    CALLER = "caller_error"             # 400/404/422: the request itself is wrong
+    CONTEXT_LENGTH = "context_length"   # 400 context_length_exceeded
+    CONTENT_POLICY = "content_policy"   # refused by the provider's content filter
+    AUTH = "auth"                       # 401/403: our provider key is wrong or revoked
+    RATE_LIMITED = "rate_limited"       # 429, or our own bucket for the deployment is empty
+    OVERLOADED = "overloaded"           # 503/529 or an "overloaded" error event
+    SERVER = "server_error"             # 500/502 and other 5xx
+    TIMEOUT = "timeout"                 # no headers or no first content in time, or a stall
+    CONNECT = "connect"                 # refused, reset or closed before response headers
+    PROTOCOL = "protocol"               # an answer we cannot read, or an in-band error event
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    fallback: bool      # try the next deployment / candidate
+    retry_same: bool    # one more try on the same deployment first
+    breaker: bool       # counts as a failure for the deployment's breaker
+
+
+POLICY: dict[FailureClass, Policy] = {
+    FailureClass.CALLER: Policy(fallback=False, retry_same=False, breaker=False),
+    FailureClass.CONTEXT_LENGTH: Policy(fallback=True, retry_same=False, breaker=False),
+    FailureClass.CONTENT_POLICY: Policy(fallback=False, retry_same=False, breaker=False),
+    FailureClass.AUTH: Policy(fallback=True, retry_same=False, breaker=True),
+    FailureClass.RATE_LIMITED: Policy(fallback=True, retry_same=True, breaker=False),
+    FailureClass.OVERLOADED: Policy(fallback=True, retry_same=True, breaker=True),
+    FailureClass.SERVER: Policy(fallback=True, retry_same=True, breaker=True),
+    FailureClass.TIMEOUT: Policy(fallback=True, retry_same=False, breaker=True),
+    FailureClass.CONNECT: Policy(fallback=True, retry_same=True, breaker=True),
+    FailureClass.PROTOCOL: Policy(fallback=True, retry_same=False, breaker=True),
+}
+
+
+@dataclass(slots=True)
+class UpstreamFailure(Exception):
+    """One failed attempt. `message` is the provider's reason, never a secret."""
+
+    kind: FailureClass
+    message: str
+    status: int | None = None
+    code: str | None = None
+    retry_after: float | None = None
+    in_stream: bool = False             # an error event inside a 200 stream
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}: {self.message}"
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+@dataclass(slots=True)
+class GatewayError(Exception):
+    """An answer with an error status, in OpenAI's error shape."""
+
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    code: str | None = None
+    param: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    outcome: str = "error"              # for the decision record
+    detail: Any = None                  # extra structured data for the decision record
+
+    def __str__(self) -> str:
+        return self.message
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = "invalid_request") -> GatewayError:
+    return GatewayError(400, message, "invalid_request_error", code, param, outcome="bad_request")
+
+
+def not_found(message: str, param: str | None = "model") -> GatewayError:
+    return GatewayError(404, message, "invalid_request_error", "model_not_found", param, outcome="not_found")
+
+
+def unauthorized(message: str) -> GatewayError:
+    return GatewayError(401, message, "authentication_error", "invalid_api_key", outcome="unauthorized")
+
+
+def forbidden(message: str) -> GatewayError:
+    return GatewayError(403, message, "permission_error", "model_not_allowed", "model", outcome="forbidden")

@@ -1,0 +1,242 @@
+"""The HTTP edge: decode the body once, call the gateway, write JSON or SSE, shape errors.
+
+Every request to /v1/chat/completions leaves through `Gateway.finish` exactly once,
+whatever happens: answered, refused, failed upstream or abandoned by the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from typing import Any, Mapping
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .decisions import Decision
+from .dispatch import ClientGone, Exchange
+from .errors import GatewayError, bad_request, error_body
+from .config import GatewayKey
+from .gateway import Gateway, Snapshot
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .router import Plan
+from .signals import Signals, extract
+
+GATEWAY = web.AppKey("gateway", Gateway)
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class SSEWriter:
+    """The client side of a streamed answer; dispatch commits it at the first content."""
+
+    __slots__ = ("request", "response", "committed")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+        self.committed = False
+
+    async def commit(self, headers: Mapping[str, str]) -> None:
+        response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+        self.response = response
+        self.committed = True
+        try:
+            await response.prepare(self.request)
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            raise ClientGone() from exc
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        try:
+            await self.response.write(data)
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            raise ClientGone() from exc
+
+    async def finish(self) -> None:
+        assert self.response is not None
+        try:
+            await self.response.write_eof()
+        except (ConnectionError, aiohttp.ClientError) as exc:
+            raise ClientGone() from exc
+
+
+def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error_response(err: GatewayError, headers: Mapping[str, str]) -> web.Response:
+    return web.Response(body=err.body(), status=err.status, headers={**headers, **err.headers},
+                        content_type="application/json")
+
+
+async def read_json(request: web.Request, max_bytes: int) -> Any:
+    """The body, decoded once; 413 over the limit, 400 when it is not JSON."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise GatewayError(413, f"request body exceeds {max_bytes} bytes", "invalid_request_error",
+                           "request_too_large", outcome="bad_request")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > max_bytes:
+            raise GatewayError(413, f"request body exceeds {max_bytes} bytes", "invalid_request_error",
+                               "request_too_large", outcome="bad_request")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw:
+        raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc.msg}", code="invalid_json") from None
+
+
+def request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id")
+    if given and _REQUEST_ID.match(given):
+        return given
+    return "req_" + uuid.uuid4().hex
+
+
+def decide(snapshot: Snapshot, key: GatewayKey | None, headers: Mapping[str, str], body: Any,
+           decision: Decision) -> tuple[Signals, Plan]:
+    """Read the signals, check the key may use the model, and route: for chat, /v1/route, `explain`."""
+    config = snapshot.config
+    decision.key = key.name if key is not None else None
+    signals = extract(body, headers, key, config.server.default_tier, config.server.max_messages)
+    decision.tier = signals.tier
+    decision.stream = signals.stream
+    decision.requested_model = body["model"]
+    snapshot.authorize(key, body["model"])
+    started = time.perf_counter()
+    try:
+        plan = snapshot.router.plan(signals, body["model"])
+    finally:
+        decision.routing_us = round((time.perf_counter() - started) * 1e6, 2)
+        decision.signals = {
+            "input_tokens": signals.input_tokens, "max_tokens": signals.max_tokens,
+            "task_type": signals.task_type, "latency": signals.latency, "output_format": signals.output_format,
+            "tools": signals.tools, "images": signals.images, "region": signals.region,
+            "max_cost_usd": signals.max_cost_usd,
+        }
+    decision.rule, decision.reason, decision.chain = plan.rule, plan.reason, plan.chain
+    decision.candidates = [c.model.name for c in plan.candidates]
+    decision.skipped = [{"model": s.model, "reason": s.reason} for s in plan.skipped]
+    return signals, plan
+
+
+def route_view(plan: Plan, decision: Decision) -> dict[str, Any]:
+    """The body of /v1/route and the output of `llm-proxy explain`."""
+    return {**plan.to_json(), "tier": decision.tier, "key": decision.key, "signals": decision.signals}
+
+
+async def _read_and_decide(request: web.Request, snapshot: Snapshot, decision: Decision
+                           ) -> tuple[dict[str, Any], Signals, Plan]:
+    key = snapshot.authenticate(request.headers.get("Authorization"))    # 401 before reading any body
+    body = await read_json(request, snapshot.config.server.max_body_bytes)
+    signals, plan = decide(snapshot, key, request.headers, body, decision)
+    return body, signals, plan
+
+
+def _answer_headers(decision: Decision) -> dict[str, str]:
+    headers = {"X-Request-Id": decision.request_id, "X-Route-Attempts": str(len(decision.attempts))}
+    if decision.rule:
+        headers["X-Route-Rule"] = decision.rule
+    model = decision.served_model or (decision.attempts[-1].model if decision.attempts else None)
+    provider = decision.served_provider or (decision.attempts[-1].provider if decision.attempts else None)
+    if model:
+        headers["X-Route-Model"] = model
+    if provider:
+        headers["X-Route-Provider"] = provider
+    return headers
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    snapshot = gateway.snapshot                 # pinned: a reload does not change this request
+    decision = Decision(request_id(request), gateway.clock())
+    writer: SSEWriter | None = None
+    try:
+        body, signals, plan = await _read_and_decide(request, snapshot, decision)
+        deadline = decision.started + snapshot.config.server.request_timeout_s
+        exchange = Exchange(decision.request_id, body, signals, plan, decision, deadline)
+        if signals.stream:
+            writer = SSEWriter(request)
+            await snapshot.dispatcher.run(exchange, writer)
+            assert writer.response is not None
+            return writer.response
+        payload = await snapshot.dispatcher.run(exchange, None)
+        assert payload is not None
+        return web.Response(body=payload, headers=_answer_headers(decision), content_type="application/json")
+    except GatewayError as err:
+        decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
+        return error_response(err, _answer_headers(decision))
+    except ClientGone:
+        decision.outcome = "client_disconnected"
+        return writer.response if writer is not None and writer.response is not None else web.Response()
+    except asyncio.CancelledError:
+        decision.outcome = "client_disconnected"
+        raise
+    finally:
+        if decision.outcome == "ok" and decision.served_model is None:
+            decision.outcome = "error"
+        gateway.finish(decision)
+
+
+async def route(request: web.Request) -> web.Response:
+    """Dry run: the decision a chat request would get, calling no upstream."""
+    gateway = request.app[GATEWAY]
+    decision = Decision(request_id(request), gateway.clock())
+    try:
+        _, _, plan = await _read_and_decide(request, gateway.snapshot, decision)
+    except GatewayError as err:
+        return error_response(err, {"X-Request-Id": decision.request_id})
+    return json_response(route_view(plan, decision), headers={"X-Request-Id": decision.request_id})
+
+
+async def models(request: web.Request) -> web.Response:
+    config = request.app[GATEWAY].snapshot.config
+    data = [{"id": "auto", "object": "model", "created": 0, "owned_by": "llm-proxy"}]
+    data += [{"id": name, "object": "model", "created": 0, "owned_by": "llm-proxy:chain"} for name in config.chains]
+    data += [{"id": m.name, "object": "model", "created": 0, "owned_by": m.deployments[0].provider.name}
+             for m in config.models.values()]
+    return json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    if gateway.ready and not gateway.draining:
+        return json_response({"status": "ready"})
+    return json_response({"status": "draining" if gateway.draining else "starting"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[GATEWAY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unknown paths, wrong methods and stray exceptions still answer in OpenAI's error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
+        return web.Response(body=error_body(exc.reason, "invalid_request_error", code), status=exc.status,
+                            content_type="application/json")
+    except (asyncio.CancelledError, ClientGone):
+        raise
+    except Exception:
+        request.app.logger.exception("unhandled error", extra={"path": request.path})
+        return web.Response(body=error_body("internal gateway error", "server_error", "internal_error"),
+                            status=500, content_type="application/json")

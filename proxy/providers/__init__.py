@@ -1,0 +1,90 @@
+"""The adapter contract and the registry: one pure translator per wire protocol.
+
+An adapter builds the upstream request from an OpenAI chat body, parses a complete
+response into OpenAI's shape, translates a stream event by event, and classifies a
+failure into a `FailureClass`. It never opens a socket: transport, timeouts and
+exception mapping live in `proxy.transport`, and the policy in `proxy.dispatch`.
+A vendor is a config entry, never a branch: vLLM, Groq or Azure are the `openai` protocol
+with another base URL and headers.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence
+
+from ..config import Deployment
+from ..errors import UpstreamFailure
+from ..usage import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    url: str
+    headers: Mapping[str, str]
+    body: bytes
+
+
+class StreamTranslator(Protocol):
+    """Turns upstream SSE events into OpenAI chunk payloads (JSON bytes without framing).
+
+    `feed` raises `UpstreamFailure` for an in-band error event and drops a malformed one.
+    `content_seen` turns true at the first content-bearing event (text, tool call or
+    finish): the commit point. `finished` turns true when the upstream's stream is complete
+    by its protocol, even if the socket stays open.
+    """
+
+    content_seen: bool
+    finished: bool
+    finish_reason: str | None
+    usage: Usage | None
+    text: list[str]
+
+    def feed(self, name: str | None, data: bytes) -> Sequence[bytes]: ...
+
+    def close(self) -> Sequence[bytes]:
+        """Frames still owed to the client once the upstream has ended (usage, a last chunk)."""
+        ...
+
+
+class Adapter(Protocol):
+    def build(self, deployment: Deployment, body: Mapping[str, Any], stream: bool,
+              prefill: str | None = None) -> UpstreamRequest: ...
+
+    def parse(self, payload: bytes, deployment: Deployment) -> tuple[bytes, Usage | None]:
+        """A complete response -> (OpenAI chat.completion JSON, usage). Raises UpstreamFailure."""
+        ...
+
+    def stream(self, deployment: Deployment, include_usage: bool, collect_text: bool) -> StreamTranslator: ...
+
+    def classify(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure: ...
+
+
+def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    raw = headers.get("Retry-After") or headers.get("retry-after")
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def registry() -> dict[str, Adapter]:
+    from .openai import OpenAIAdapter
+
+    return {"openai": OpenAIAdapter()}

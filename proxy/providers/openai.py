@@ -1,0 +1,169 @@
+"""The OpenAI chat protocol, which also covers vLLM, Ollama, Groq, Together, Mistral,
+DeepSeek and Azure OpenAI (an `api-key` auth header and an `api-version` query in config).
+
+Passthrough: the client already speaks this protocol, so requests go up with only
+`model` and `stream_options` changed, and responses and stream chunks go back as the
+upstream's own bytes. Each chunk is decoded once (orjson, about a microsecond) only to
+watch for content, the finish, usage and in-band errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+from urllib.parse import urlencode
+
+import orjson
+
+from ..config import Deployment
+from ..errors import FailureClass, UpstreamFailure
+from ..sse import DONE
+from ..usage import Usage
+from . import UpstreamRequest, retry_after_s
+
+_CONTEXT_CODES = frozenset(("context_length_exceeded", "string_above_max_length"))
+_POLICY_CODES = frozenset(("content_policy_violation", "content_filter"))
+
+
+def parse_usage(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+    prompt = int(raw.get("prompt_tokens") or 0)
+    details = raw.get("prompt_tokens_details") or {}
+    cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+    out_details = raw.get("completion_tokens_details") or {}
+    reasoning = int(out_details.get("reasoning_tokens") or 0) if isinstance(out_details, dict) else 0
+    return Usage(input_tokens=max(0, prompt - cached), output_tokens=int(raw.get("completion_tokens") or 0),
+                 cached_input_tokens=cached, reasoning_tokens=reasoning)
+
+
+def classify_error_object(error: Any, status: int | None, in_stream: bool,
+                          retry_after: float | None = None) -> UpstreamFailure:
+    """An OpenAI-shaped `error` object (from a body or an in-band event) -> a failure."""
+    message, code, kind = "upstream error", None, ""
+    if isinstance(error, dict):
+        message = str(error.get("message") or message)
+        code = error.get("code")
+        code = str(code) if code is not None else None
+        kind = str(error.get("type") or "")
+    elif isinstance(error, str):
+        message = error
+    lowered = message.lower()
+    if code in _CONTEXT_CODES or "maximum context length" in lowered or "context length" in lowered:
+        cls = FailureClass.CONTEXT_LENGTH
+    elif code in _POLICY_CODES or "content management policy" in lowered or "content policy" in lowered:
+        cls = FailureClass.CONTENT_POLICY
+    elif status == 429 or code == "rate_limit_exceeded" or kind == "rate_limit_error":
+        cls = FailureClass.RATE_LIMITED
+    elif status in (401, 403) or kind in ("authentication_error", "permission_error"):
+        cls = FailureClass.AUTH
+    elif status in (503, 529) or "overloaded" in kind or "overloaded" in lowered:
+        cls = FailureClass.OVERLOADED
+    elif status == 408:
+        cls = FailureClass.TIMEOUT
+    elif status is not None and status >= 500 or kind == "server_error":
+        cls = FailureClass.SERVER
+    elif status is not None and 400 <= status < 500:
+        cls = FailureClass.CALLER
+    else:
+        cls = FailureClass.PROTOCOL
+    return UpstreamFailure(cls, message[:500], status, code, retry_after, in_stream)
+
+
+class OpenAIStream:
+    __slots__ = ("include_usage", "collect_text", "content_seen", "finished", "finish_reason", "usage", "text")
+
+    def __init__(self, include_usage: bool, collect_text: bool) -> None:
+        self.include_usage = include_usage
+        self.collect_text = collect_text
+        self.content_seen = False
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.text: list[str] = []
+
+    def feed(self, name: str | None, data: bytes) -> Sequence[bytes]:
+        if data == DONE:
+            self.finished = True
+            return ()
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return ()                                   # malformed: drop it, keep the stream valid
+        if type(chunk) is not dict:
+            return ()
+        if "error" in chunk:
+            raise classify_error_object(chunk["error"], None, in_stream=True)
+        choices = chunk.get("choices")
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = parse_usage(usage)
+        if choices:
+            for choice in choices:
+                delta = choice.get("delta") or {}
+                content = delta.get("content")
+                if content or delta.get("tool_calls") or delta.get("refusal") or delta.get("function_call"):
+                    self.content_seen = True
+                    if self.collect_text and content:
+                        self.text.append(content)
+                reason = choice.get("finish_reason")
+                if reason:
+                    self.content_seen = True
+                    self.finish_reason = reason
+            return (data,)
+        if usage and self.finish_reason is not None:
+            self.finished = True                        # the usage chunk is the last by protocol
+            return (data,) if self.include_usage else ()
+        return (data,) if usage is None or self.include_usage else ()
+
+    def close(self) -> Sequence[bytes]:
+        return ()
+
+
+class OpenAIAdapter:
+    def build(self, deployment: Deployment, body: Mapping[str, Any], stream: bool,
+              prefill: str | None = None) -> UpstreamRequest:
+        provider = deployment.provider
+        payload = dict(body)
+        payload["model"] = deployment.upstream_model
+        if stream:
+            options = payload.get("stream_options")
+            payload["stream_options"] = {**options, "include_usage": True} if isinstance(options, dict) \
+                else {"include_usage": True}
+        else:
+            payload.pop("stream_options", None)
+        if prefill:
+            payload["messages"] = [*payload["messages"], {"role": "assistant", "content": prefill}]
+        headers = {"Content-Type": "application/json", **provider.headers}
+        if provider.api_key:
+            if provider.auth_header:
+                headers[provider.auth_header] = provider.api_key
+            else:
+                headers["Authorization"] = f"Bearer {provider.api_key}"
+        url = f"{provider.base_url}/chat/completions"
+        if provider.query:
+            url += "?" + urlencode(provider.query)
+        return UpstreamRequest(url, headers, orjson.dumps(payload))
+
+    def parse(self, payload: bytes, deployment: Deployment) -> tuple[bytes, Usage | None]:
+        try:
+            body = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise UpstreamFailure(FailureClass.PROTOCOL, "upstream sent a body that is not JSON") from None
+        if type(body) is not dict or not isinstance(body.get("choices"), list):
+            if type(body) is dict and "error" in body:
+                raise classify_error_object(body["error"], None, in_stream=True)
+            raise UpstreamFailure(FailureClass.PROTOCOL, "upstream response has no 'choices'")
+        return payload, parse_usage(body.get("usage"))
+
+    def stream(self, deployment: Deployment, include_usage: bool, collect_text: bool) -> OpenAIStream:
+        return OpenAIStream(include_usage, collect_text)
+
+    def classify(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if error is None:
+            error = {"message": f"upstream answered HTTP {status}"}
+        return classify_error_object(error, status, in_stream=False, retry_after=retry_after_s(headers))

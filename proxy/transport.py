@@ -1,0 +1,72 @@
+"""Upstream HTTP: one pooled keep-alive session per provider, and exception mapping.
+
+This is the only module that turns aiohttp's client exceptions into `UpstreamFailure`s,
+so adapters stay pure and dispatch sees failure classes, never socket errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from .config import Provider
+from .errors import FailureClass, UpstreamFailure
+from .providers import UpstreamRequest
+
+MAX_ERROR_BODY = 64 * 1024
+
+
+class Transport:
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, str, float], aiohttp.ClientSession] = {}
+
+    def session(self, provider: Provider) -> aiohttp.ClientSession:
+        key = (provider.name, provider.base_url, provider.timeouts.connect_s)
+        session = self._sessions.get(key)
+        if session is None or session.closed:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, ttl_dns_cache=300,
+                                             enable_cleanup_closed=False)
+            session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=provider.timeouts.connect_s),
+                auto_decompress=True,
+                skip_auto_headers=("User-Agent",),
+            )
+            self._sessions[key] = session
+        return session
+
+    async def send(self, provider: Provider, request: UpstreamRequest) -> aiohttp.ClientResponse:
+        """POST and wait for the response headers. The caller bounds the wait."""
+        return await self.session(provider).post(request.url, data=request.body, headers=dict(request.headers))
+
+    async def close(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+
+async def read_error_body(response: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await response.content.read(MAX_ERROR_BODY)
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return b""
+
+
+def failure_from_exception(exc: BaseException, headers_received: bool) -> UpstreamFailure:
+    """Map a transport exception; before headers a reset is a connect failure, after it a cut."""
+    if isinstance(exc, UpstreamFailure):
+        return exc
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        what = "no first content" if headers_received else "no response headers"
+        return UpstreamFailure(FailureClass.TIMEOUT, f"timed out: {what}")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure(FailureClass.CONNECT, f"cannot connect: {exc.os_error.strerror or 'refused'}")
+    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, ConnectionError)):
+        if headers_received:
+            return UpstreamFailure(FailureClass.PROTOCOL, "upstream closed the stream")
+        return UpstreamFailure(FailureClass.CONNECT, "connection reset before response headers")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return UpstreamFailure(FailureClass.PROTOCOL, "upstream response was cut")
+    if isinstance(exc, aiohttp.ClientError):
+        return UpstreamFailure(FailureClass.PROTOCOL, f"upstream protocol error: {type(exc).__name__}")
+    raise exc
