@@ -15,8 +15,9 @@ Time is a parameter everywhere. Imports config and breaker only.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from .breaker import BreakerPolicy, CircuitBreaker
 from .config import Deployment, Limits

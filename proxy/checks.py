@@ -12,7 +12,7 @@ Pure: takes a Config, returns strings. Imports config only.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 from .config import LATENCY_CLASSES, OUTPUT_FORMATS, Condition, Config, Rule, declared_keys
 

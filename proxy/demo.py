@@ -7,7 +7,6 @@ exactly as configured. It prints a ready curl command and serves until interrupt
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import signal
 import sys

@@ -18,8 +18,9 @@ import asyncio
 import math
 import random
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
@@ -278,7 +279,7 @@ class Dispatcher:
                         raise adapter.classify(response.status, response.headers, await read_error_body(response))
                     payload = await response.read()
                     record.ttfb_s = self.clock() - record.started
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             raise failure_from_exception(exc, headers_received) from None
         return adapter.parse(payload, deployment)
 
@@ -327,7 +328,7 @@ class Dispatcher:
                         if out:
                             await client.write(out[0] if len(out) == 1 else b"".join(out))
                         idle.reschedule(loop.time() + min(timeouts.idle_s, end_total - self.clock()))
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 raise StreamBroken(UpstreamFailure(
                     FailureClass.TIMEOUT, f"upstream stalled for {timeouts.idle_s:g}s after content"),
                     translator.text) from None
@@ -343,7 +344,7 @@ class Dispatcher:
             await client.write(b"".join(frame(p) for p in tail) + DONE_FRAME)
             await client.finish()
             return translator.usage
-        except (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise failure_from_exception(exc, headers_received) from None
         finally:
             if response is not None:

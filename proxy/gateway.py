@@ -13,8 +13,8 @@ import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 from . import config as config_module
 from .balancer import MemoryState, StateStore

@@ -10,16 +10,17 @@ import asyncio
 import re
 import time
 import uuid
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import web
 
+from .config import GatewayKey
 from .decisions import Decision
 from .dispatch import ClientGone, Exchange
 from .errors import GatewayError, bad_request, error_body
-from .config import GatewayKey
 from .gateway import Gateway, Snapshot
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .router import Plan

@@ -15,8 +15,9 @@ No I/O, no clock; imports only config, errors and signals.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .config import Chain, Condition, Config, Deployment, Model, Rule
 from .errors import GatewayError, not_found

@@ -48,7 +48,7 @@ class Transport:
 async def read_error_body(response: aiohttp.ClientResponse) -> bytes:
     try:
         return await response.content.read(MAX_ERROR_BODY)
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         return b""
 
 

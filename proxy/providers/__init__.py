@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from ..config import Deployment
 from ..errors import UpstreamFailure

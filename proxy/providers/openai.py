@@ -9,7 +9,8 @@ watch for content, the finish, usage and in-band errors.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import urlencode
 
 import orjson

@@ -1,0 +1,122 @@
+"""Config loading: errors name the file and the YAML path; `llm-proxy check` exits 1 on them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from proxy import config as config_module
+from proxy.checks import warnings
+
+from .conftest import ROOT
+
+PROVIDERS = {
+    "providers": {"p": {"api": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "P_KEY"}},
+    "models": {
+        "big": {"tier": 3, "context_window": 1000, "price": {"input": 1, "output": 2},
+                "deployments": [{"provider": "p"}]},
+        "small": {"tier": 1, "context_window": 1000, "price": {"input": 1, "output": 2},
+                  "deployments": [{"provider": "p"}]},
+    },
+}
+ROUTES = {"chains": {"main": ["big", "small"]}, "default": "main"}
+
+
+def write(tmp_path: Path, providers: dict, routes: dict) -> tuple[Path, Path]:
+    p, r = tmp_path / "providers.yaml", tmp_path / "routes.yaml"
+    p.write_text(yaml.safe_dump(providers))
+    r.write_text(yaml.safe_dump(routes))
+    return p, r
+
+
+def run_check(p: Path, r: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy", "check", "--providers", str(p), "--routes", str(r)],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_shipped_files_pass_check() -> None:
+    result = run_check(ROOT / "providers.yaml", ROOT / "routes.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok:")
+    assert "steps down" not in result.stderr and "never match" not in result.stderr
+
+
+BROKEN = [
+    ("providers", ["models", "big", "deployments", 0, "provider"], "nowhere",
+     "providers.yaml: models.big.deployments[0].provider: unknown provider 'nowhere'"),
+    ("providers", ["providers", "p", "colour"], "blue", "providers.yaml: providers.p.colour: unknown key"),
+    ("providers", ["providers", "p", "api"], "soap", "providers.yaml: providers.p.api: 'soap' is not one of"),
+    ("providers", ["models", "big", "tier"], "three", "providers.yaml: models.big.tier: expected an integer"),
+    ("routes", ["chains", "main", 1], "medium", "routes.yaml: chains.main[1]: unknown model 'medium'"),
+    ("routes", ["default"], "missing", "routes.yaml: default: unknown chain 'missing'"),
+    ("routes", ["rules"], [{"name": "r", "when": {"tier": {"gte": 2}}, "chain": "main"}],
+     "routes.yaml: rules[0].when.tier.gte: 'gte' needs a numeric signal"),
+    ("routes", ["rules"], [{"name": "r", "when": {"mood": "happy"}, "chain": "main"}],
+     "routes.yaml: rules[0].when.mood: unknown signal"),
+    ("routes", ["rules"], [{"name": "r", "when": {"input_tokens": {"around": 5}}, "chain": "main"}],
+     "routes.yaml: rules[0].when.input_tokens.around: unknown operator"),
+    ("routes", ["fallbacks"], {"big": ["ghost"]}, "routes.yaml: fallbacks.big[0]: unknown model 'ghost'"),
+]
+
+
+def _set(tree: dict, path: list, value: object) -> None:
+    for step in path[:-1]:
+        tree = tree[step]
+    tree[path[-1]] = value
+
+
+@pytest.mark.parametrize("which,path,value,message", BROKEN, ids=[b[3].split(":")[1].strip() for b in BROKEN])
+def test_broken_config_names_file_and_path(tmp_path: Path, which: str, path: list, value: object,
+                                           message: str) -> None:
+    providers, routes = yaml.safe_load(yaml.safe_dump(PROVIDERS)), yaml.safe_load(yaml.safe_dump(ROUTES))
+    _set(providers if which == "providers" else routes, path, value)
+    p, r = write(tmp_path, providers, routes)
+    with pytest.raises(config_module.ConfigError) as caught:
+        config_module.load(p, r)
+    assert message in str(caught.value)
+    result = run_check(p, r)
+    assert result.returncode == 1
+    assert message in result.stderr
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path: Path) -> None:
+    p, r = write(tmp_path, PROVIDERS, ROUTES)
+    r.write_text("chains:\n  main: [big, small\ndefault: main\n")
+    result = run_check(p, r)
+    assert result.returncode == 1
+    assert "routes.yaml" in result.stderr and "invalid YAML" in result.stderr
+
+
+def test_warnings(tmp_path: Path) -> None:
+    routes = {
+        "chains": {"main": ["big", "small"], "unused": ["small"]},
+        "rules": [
+            {"name": "any-code", "when": {"task_type": "code"}, "chain": "main"},
+            {"name": "shadowed", "when": {"task_type": "code", "tier": "free"}, "chain": "main"},
+            {"name": "empty-range", "when": {"input_tokens": {"gt": 100, "lt": 50}}, "chain": "main"},
+            {"name": "empty-in", "when": {"tier": {"in": []}}, "chain": "main"},
+        ],
+        "default": "main",
+    }
+    p, r = write(tmp_path, PROVIDERS, routes)
+    found = warnings(config_module.load(p, r, env={}), env={})
+    text = "\n".join(found)
+    assert "chains.main[1]: steps down 2 tiers" in text
+    assert "rules[1] ('shadowed'): can never match" in text
+    assert "rules[2] ('empty-range'): can never match" in text
+    assert "rules[3] ('empty-in'): can never match" in text
+    assert "rules[0] ('any-code'): can never match" not in text
+    assert "chains.unused: no rule, default or key uses this chain" in text
+    assert "P_KEY is not set" in text
+    assert len(found) == 6
+
+
+def test_secrets_stay_out_of_repr(tmp_path: Path) -> None:
+    p, r = write(tmp_path, PROVIDERS, ROUTES)
+    config = config_module.load(p, r, env={"P_KEY": "sk-very-secret-value"})
+    assert config.providers["p"].api_key == "sk-very-secret-value"
+    assert "sk-very-secret-value" not in repr(config)
