@@ -90,7 +90,7 @@ async def serve(config: config_module.Config) -> tuple[RunningGateway, web.AppRu
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = int(runner.addresses[0][1])
     return RunningGateway(f"http://127.0.0.1:{port}", app[GATEWAY], app), runner
 
 

@@ -341,8 +341,6 @@ async def start(host: str = "127.0.0.1", port: int = 0, default: Behaviour | Non
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server
-    assert server is not None
-    bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    bound = int(runner.addresses[0][1])
     return simulator, runner, bound
 
