@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config import Deployment
-from ..errors import UpstreamFailure
+from ..errors import FailureClass, UpstreamFailure
 from ..usage import Usage
 
 
@@ -85,7 +85,46 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
     return max(0.0, when - (time.time() if now is None else now))
 
 
+_CONTEXT_CODES = frozenset(("context_length_exceeded", "string_above_max_length"))
+_POLICY_CODES = frozenset(("content_policy_violation", "content_filter"))
+
+
+def classify_error_object(error: Any, status: int | None, in_stream: bool,
+                          retry_after: float | None = None) -> UpstreamFailure:
+    """An OpenAI-shaped `error` object (from a body or an in-band event) -> a failure."""
+    message, code, kind = "upstream error", None, ""
+    if isinstance(error, dict):
+        message = str(error.get("message") or message)
+        code = error.get("code")
+        code = str(code) if code is not None else None
+        kind = str(error.get("type") or "")
+    elif isinstance(error, str):
+        message = error
+    lowered = message.lower()
+    if code in _CONTEXT_CODES or "maximum context length" in lowered or "context length" in lowered:
+        cls = FailureClass.CONTEXT_LENGTH
+    elif code in _POLICY_CODES or "content management policy" in lowered or "content policy" in lowered:
+        cls = FailureClass.CONTENT_POLICY
+    elif status == 429 or code == "rate_limit_exceeded" or kind == "rate_limit_error":
+        cls = FailureClass.RATE_LIMITED
+    elif status in (401, 403) or kind in ("authentication_error", "permission_error"):
+        cls = FailureClass.AUTH
+    elif status in (503, 529) or "overloaded" in kind or "overloaded" in lowered:
+        cls = FailureClass.OVERLOADED
+    elif status == 408:
+        cls = FailureClass.TIMEOUT
+    elif status is not None and status >= 500 or kind == "server_error":
+        cls = FailureClass.SERVER
+    elif status is not None and 400 <= status < 500:
+        cls = FailureClass.CALLER
+    else:
+        cls = FailureClass.PROTOCOL
+    return UpstreamFailure(cls, message[:500], status, code, retry_after, in_stream)
+
+
 def registry() -> dict[str, Adapter]:
+    from .anthropic import AnthropicAdapter
+    from .gemini import GeminiAdapter
     from .openai import OpenAIAdapter
 
-    return {"openai": OpenAIAdapter()}
+    return {"openai": OpenAIAdapter(), "anthropic": AnthropicAdapter(), "gemini": GeminiAdapter()}

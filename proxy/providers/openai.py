@@ -19,10 +19,7 @@ from ..config import Deployment
 from ..errors import FailureClass, UpstreamFailure
 from ..sse import DONE
 from ..usage import Usage
-from . import UpstreamRequest, retry_after_s
-
-_CONTEXT_CODES = frozenset(("context_length_exceeded", "string_above_max_length"))
-_POLICY_CODES = frozenset(("content_policy_violation", "content_filter"))
+from . import UpstreamRequest, classify_error_object, retry_after_s
 
 
 def parse_usage(raw: Any) -> Usage | None:
@@ -35,39 +32,6 @@ def parse_usage(raw: Any) -> Usage | None:
     reasoning = int(out_details.get("reasoning_tokens") or 0) if isinstance(out_details, dict) else 0
     return Usage(input_tokens=max(0, prompt - cached), output_tokens=int(raw.get("completion_tokens") or 0),
                  cached_input_tokens=cached, reasoning_tokens=reasoning)
-
-
-def classify_error_object(error: Any, status: int | None, in_stream: bool,
-                          retry_after: float | None = None) -> UpstreamFailure:
-    """An OpenAI-shaped `error` object (from a body or an in-band event) -> a failure."""
-    message, code, kind = "upstream error", None, ""
-    if isinstance(error, dict):
-        message = str(error.get("message") or message)
-        code = error.get("code")
-        code = str(code) if code is not None else None
-        kind = str(error.get("type") or "")
-    elif isinstance(error, str):
-        message = error
-    lowered = message.lower()
-    if code in _CONTEXT_CODES or "maximum context length" in lowered or "context length" in lowered:
-        cls = FailureClass.CONTEXT_LENGTH
-    elif code in _POLICY_CODES or "content management policy" in lowered or "content policy" in lowered:
-        cls = FailureClass.CONTENT_POLICY
-    elif status == 429 or code == "rate_limit_exceeded" or kind == "rate_limit_error":
-        cls = FailureClass.RATE_LIMITED
-    elif status in (401, 403) or kind in ("authentication_error", "permission_error"):
-        cls = FailureClass.AUTH
-    elif status in (503, 529) or "overloaded" in kind or "overloaded" in lowered:
-        cls = FailureClass.OVERLOADED
-    elif status == 408:
-        cls = FailureClass.TIMEOUT
-    elif status is not None and status >= 500 or kind == "server_error":
-        cls = FailureClass.SERVER
-    elif status is not None and 400 <= status < 500:
-        cls = FailureClass.CALLER
-    else:
-        cls = FailureClass.PROTOCOL
-    return UpstreamFailure(cls, message[:500], status, code, retry_after, in_stream)
 
 
 class OpenAIStream:

@@ -1,0 +1,304 @@
+"""The Anthropic Messages protocol behind OpenAI's chat API.
+
+Request: system and developer messages become `system`; user, assistant and tool
+messages become alternating turns (consecutive turns of one role are merged, tool results
+travel as `tool_result` blocks in a user turn, assistant `tool_calls` as `tool_use`
+blocks); images become base64 or url sources; tools, `tool_choice`, `stop`,
+`temperature` (clamped to Anthropic's 0..1), `top_p` and `max_tokens` (required here:
+DEFAULT_MAX_TOKENS when the caller sets none, which every current Claude model accepts)
+are mapped. A continuation's `prefill` is a trailing assistant turn, without trailing
+whitespace, which the API rejects.
+
+JSON output: Messages has no `response_format`, so `json_object` and `json_schema` add
+a system instruction to answer with one JSON object only (quoting the schema for
+`json_schema`). No "{" prefill is used, so the answer's text is the whole JSON document
+and the stream translator needs no knowledge of the request.
+
+Response and stream: `message_start` ... `message_stop` become OpenAI chunks (role
+first, text, tool calls indexed from 0 in order, the finish chunk, usage last when
+asked); `ping` is ignored; an `event: error` raises `UpstreamFailure`. Usage keeps
+Anthropic's split: `input_tokens` already excludes cache reads and writes.
+Pure: never opens a socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+from ..config import Deployment
+from ..errors import FailureClass, UpstreamFailure
+from ..usage import Usage
+from . import UpstreamRequest, classify_error_object, retry_after_s
+from .shape import (
+    TranslatedStream,
+    completion,
+    function_call,
+    image_url,
+    max_tokens,
+    parse_data_url,
+    stop_sequences,
+    text_of,
+    tool_arguments,
+    unsupported,
+)
+
+API_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096
+FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+          "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"}
+JSON_INSTRUCTION = "Respond with a single valid JSON object and nothing else: no prose, no code fences."
+_CONTEXT_MARKERS = ("prompt is too long", "too many tokens", "context window")
+
+
+# ---------------------------------------------------------------------------- request
+
+
+def _blocks(content: Any) -> list[dict[str, Any]]:
+    """OpenAI message content -> Anthropic content blocks."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks: list[dict[str, Any]] = []
+    for part in content if isinstance(content, list) else []:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("text", "input_text"):
+            if part.get("text"):
+                blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            url = image_url(part)
+            inline = parse_data_url(url)
+            source = ({"type": "base64", "media_type": inline[0], "data": inline[1]} if inline
+                      else {"type": "url", "url": url})
+            blocks.append({"type": "image", "source": source})
+        else:
+            raise unsupported(f"content part type '{kind}' is not supported by the Anthropic protocol")
+    return blocks
+
+
+def _turns(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """(system texts, alternating turns) with consecutive same-role turns merged."""
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        role = message.get("role")
+        if role in ("system", "developer"):
+            text = text_of(message.get("content"))
+            if text:
+                system.append(text)
+            continue
+        if role == "tool":
+            role, blocks = "user", [{"type": "tool_result", "tool_use_id": str(message.get("tool_call_id") or ""),
+                                     "content": _blocks(message.get("content")) or ""}]
+        elif role == "assistant":
+            blocks = _blocks(message.get("content"))
+            for call in message.get("tool_calls") or []:
+                fn = call.get("function") or {}
+                blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
+                               "input": tool_arguments(fn.get("arguments"))})
+        else:
+            role, blocks = "user", _blocks(message.get("content"))
+        if not blocks:
+            continue
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": role, "content": blocks})
+    return system, turns
+
+
+def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    if choice is None and parallel is not False:
+        return None
+    if choice in (None, "auto"):
+        out: dict[str, Any] = {"type": "auto"}
+    elif choice == "none":
+        return {"type": "none"}
+    elif choice == "required":
+        out = {"type": "any"}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        out = {"type": "tool", "name": choice["function"].get("name")}
+    else:
+        raise unsupported("tool_choice must be auto, none, required or a named function")
+    if parallel is False:
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+def _json_instruction(response_format: Any) -> str | None:
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return JSON_INSTRUCTION
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if schema:
+            return f"{JSON_INSTRUCTION} It must conform to this JSON schema: {orjson.dumps(schema).decode()}"
+        return JSON_INSTRUCTION
+    return None
+
+
+def request_payload(deployment: Deployment, body: Mapping[str, Any], stream: bool,
+                    prefill: str | None = None) -> dict[str, Any]:
+    system, turns = _turns(list(body.get("messages") or []))
+    instruction = _json_instruction(body.get("response_format"))
+    if instruction:
+        system.append(instruction)
+    if prefill and prefill.rstrip():
+        turns.append({"role": "assistant", "content": [{"type": "text", "text": prefill.rstrip()}]})
+    if body.get("n") not in (None, 1):
+        raise unsupported("n > 1 is not supported by the Anthropic protocol")
+    payload: dict[str, Any] = {"model": deployment.upstream_model,
+                               "max_tokens": max_tokens(body) or DEFAULT_MAX_TOKENS, "messages": turns}
+    if system:
+        payload["system"] = "\n\n".join(system)
+    if stream:
+        payload["stream"] = True
+    if body.get("temperature") is not None:
+        payload["temperature"] = min(1.0, max(0.0, float(body["temperature"])))
+    if body.get("top_p") is not None:
+        payload["top_p"] = body["top_p"]
+    stop = stop_sequences(body)
+    if stop:
+        payload["stop_sequences"] = stop
+    tools = [t["function"] for t in body.get("tools") or [] if isinstance(t, dict) and "function" in t]
+    if tools:
+        payload["tools"] = [{"name": t.get("name"), "description": t.get("description") or "",
+                             "input_schema": t.get("parameters") or {"type": "object", "properties": {}}}
+                            for t in tools]
+        choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+        if choice is not None:
+            payload["tool_choice"] = choice
+    if isinstance(body.get("user"), str):
+        payload["metadata"] = {"user_id": body["user"]}
+    return payload
+
+
+# ---------------------------------------------------------------------------- response
+
+
+def parse_usage(raw: Any, into: Usage | None = None) -> Usage | None:
+    """Anthropic usage (whole, or a `message_delta`'s partial update of `into`)."""
+    if not isinstance(raw, dict):
+        return into
+    base = into or Usage()
+
+    def count(name: str, old: int) -> int:
+        value = raw.get(name)
+        return int(value) if isinstance(value, int) else old
+
+    return Usage(input_tokens=count("input_tokens", base.input_tokens),
+                 output_tokens=count("output_tokens", base.output_tokens),
+                 cached_input_tokens=count("cache_read_input_tokens", base.cached_input_tokens),
+                 cache_write_tokens=count("cache_creation_input_tokens", base.cache_write_tokens))
+
+
+def classify_error(error: Any, status: int | None, in_stream: bool,
+                   retry_after: float | None = None) -> UpstreamFailure:
+    """Anthropic's `{"type": "error", "error": {"type", "message"}}` -> a failure."""
+    if not isinstance(error, dict):
+        error = {"message": str(error or "upstream error")}
+    kind = str(error.get("type") or "")
+    message = str(error.get("message") or "upstream error")
+    code: str | None = None
+    if any(marker in message.lower() for marker in _CONTEXT_MARKERS):
+        code = "context_length_exceeded"
+    elif "content filtering" in message.lower():
+        code = "content_policy_violation"
+    if status is None:
+        status = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500}.get(kind)
+    return classify_error_object({"message": message, "type": kind, "code": code}, status, in_stream,
+                                 retry_after)
+
+
+class AnthropicStream(TranslatedStream):
+    def __init__(self, model: str, include_usage: bool, collect_text: bool) -> None:
+        super().__init__(model, include_usage, collect_text)
+        self._tool_index: dict[int, int] = {}    # Anthropic block index -> OpenAI tool_call index
+
+    def feed(self, name: str | None, data: bytes) -> Sequence[bytes]:
+        try:
+            event = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return ()                                   # malformed: drop it, keep the stream valid
+        if type(event) is not dict:
+            return ()
+        kind = event.get("type") or name
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return self.content(str(delta.get("text") or ""))
+            if delta.get("type") == "input_json_delta":
+                index = self._tool_index.get(event.get("index", -1))
+                return () if index is None else self.tool_arguments(index, str(delta.get("partial_json") or ""))
+            return ()                                   # thinking and signature deltas stay upstream
+        if kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                index = self._tool_index[event.get("index", -1)] = len(self._tool_index)
+                return self.tool_call_start(index, str(block.get("id") or ""), str(block.get("name") or ""))
+            if block.get("type") == "text":
+                return self.content(str(block.get("text") or ""))
+            return ()
+        if kind == "message_start":
+            message = event.get("message") or {}
+            self.model = str(message.get("model") or self.model)
+            self.usage = parse_usage(message.get("usage"))
+            return self.role()
+        if kind == "message_delta":
+            self.usage = parse_usage(event.get("usage"), self.usage)
+            reason = (event.get("delta") or {}).get("stop_reason")
+            return self.finish(FINISH.get(reason, "stop")) if reason else ()
+        if kind == "message_stop":
+            self.finished = True
+            return ()
+        if kind == "error":
+            raise classify_error(event.get("error"), None, in_stream=True)
+        return ()                                       # ping, content_block_stop, future events
+
+
+class AnthropicAdapter:
+    def build(self, deployment: Deployment, body: Mapping[str, Any], stream: bool,
+              prefill: str | None = None) -> UpstreamRequest:
+        provider = deployment.provider
+        headers = {"Content-Type": "application/json", "anthropic-version": API_VERSION, **provider.headers}
+        if provider.api_key:
+            headers[provider.auth_header or "x-api-key"] = provider.api_key
+        payload = request_payload(deployment, body, stream, prefill)
+        return UpstreamRequest(f"{provider.base_url}/messages", headers, orjson.dumps(payload))
+
+    def parse(self, payload: bytes, deployment: Deployment) -> tuple[bytes, Usage | None]:
+        try:
+            message = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            raise UpstreamFailure(FailureClass.PROTOCOL, "upstream sent a body that is not JSON") from None
+        if type(message) is not dict or not isinstance(message.get("content"), list):
+            if type(message) is dict and message.get("type") == "error":
+                raise classify_error(message.get("error"), None, in_stream=True)
+            raise UpstreamFailure(FailureClass.PROTOCOL, "upstream response has no 'content'")
+        text, calls = [], []
+        for block in message["content"]:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text":
+                text.append(str(block.get("text") or ""))
+            elif block.get("type") == "tool_use":
+                calls.append(function_call(str(block.get("id") or ""), str(block.get("name") or ""),
+                                           orjson.dumps(block.get("input") or {}).decode()))
+        usage = parse_usage(message.get("usage"))
+        finish = FINISH.get(message.get("stop_reason") or "end_turn", "stop")
+        model = str(message.get("model") or deployment.upstream_model)
+        return completion(model, "".join(text), calls, finish, usage), usage
+
+    def stream(self, deployment: Deployment, include_usage: bool, collect_text: bool) -> AnthropicStream:
+        return AnthropicStream(deployment.upstream_model, include_usage, collect_text)
+
+    def classify(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
+        try:
+            parsed = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            parsed = None
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if error is None:
+            error = {"message": f"upstream answered HTTP {status}"}
+        return classify_error(error, status, in_stream=False, retry_after=retry_after_s(headers))
