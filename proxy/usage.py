@@ -35,9 +35,8 @@ class Usage:
             "completion_tokens": self.output_tokens,
             "total_tokens": self.total_tokens,
             "prompt_tokens_details": {"cached_tokens": self.cached_input_tokens},
+            "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens},   # always, as OpenAI does
         }
-        if self.reasoning_tokens:
-            out["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
         return out
 
 

@@ -87,11 +87,17 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
 
 _CONTEXT_CODES = frozenset(("context_length_exceeded", "string_above_max_length"))
 _POLICY_CODES = frozenset(("content_policy_violation", "content_filter"))
+_CANONICAL_CODES = {FailureClass.CONTEXT_LENGTH: "context_length_exceeded",
+                    FailureClass.CONTENT_POLICY: "content_policy_violation"}
 
 
 def classify_error_object(error: Any, status: int | None, in_stream: bool,
                           retry_after: float | None = None) -> UpstreamFailure:
-    """An OpenAI-shaped `error` object (from a body or an in-band event) -> a failure."""
+    """An OpenAI-shaped `error` object (from a body or an in-band event) -> a failure.
+
+    The other protocols normalise their errors into this shape first, so one table of
+    codes, types and statuses classifies all three.
+    """
     message, code, kind = "upstream error", None, ""
     if isinstance(error, dict):
         message = str(error.get("message") or message)
@@ -119,6 +125,8 @@ def classify_error_object(error: Any, status: int | None, in_stream: bool,
         cls = FailureClass.CALLER
     else:
         cls = FailureClass.PROTOCOL
+    if code is None:            # one code per kind, whichever protocol reported it
+        code = _CANONICAL_CODES.get(cls)
     return UpstreamFailure(cls, message[:500], status, code, retry_after, in_stream)
 
 

@@ -53,6 +53,13 @@ JSON_INSTRUCTION = "Respond with a single valid JSON object and nothing else: no
 _CONTEXT_MARKERS = ("prompt is too long", "too many tokens", "context window")
 
 
+def call_id(tool_use_id: Any) -> str:
+    """`toolu_01A...` -> `call_01A...`: OpenAI's id shape. Anthropic accepts any id matching
+    [A-Za-z0-9_-]+ for the tool_use blocks it is sent back, so no reverse mapping is needed."""
+    raw = str(tool_use_id or "")
+    return "call_" + raw[6:] if raw.startswith("toolu_") else raw
+
+
 # ---------------------------------------------------------------------------- request
 
 
@@ -200,10 +207,11 @@ def classify_error(error: Any, status: int | None, in_stream: bool,
         error = {"message": str(error or "upstream error")}
     kind = str(error.get("type") or "")
     message = str(error.get("message") or "upstream error")
-    code: str | None = None
-    if any(marker in message.lower() for marker in _CONTEXT_MARKERS):
+    lowered = message.lower()
+    code = None
+    if any(marker in lowered for marker in _CONTEXT_MARKERS):
         code = "context_length_exceeded"
-    elif "content filtering" in message.lower():
+    elif "content filtering" in lowered:
         code = "content_policy_violation"
     if status is None:
         status = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500}.get(kind)
@@ -236,7 +244,7 @@ class AnthropicStream(TranslatedStream):
             block = event.get("content_block") or {}
             if block.get("type") == "tool_use":
                 index = self._tool_index[event.get("index", -1)] = len(self._tool_index)
-                return self.tool_call_start(index, str(block.get("id") or ""), str(block.get("name") or ""))
+                return self.tool_call_start(index, call_id(block.get("id")), str(block.get("name") or ""))
             if block.get("type") == "text":
                 return self.content(str(block.get("text") or ""))
             return ()
@@ -283,7 +291,7 @@ class AnthropicAdapter:
             if block.get("type") == "text":
                 text.append(str(block.get("text") or ""))
             elif block.get("type") == "tool_use":
-                calls.append(function_call(str(block.get("id") or ""), str(block.get("name") or ""),
+                calls.append(function_call(call_id(block.get("id")), str(block.get("name") or ""),
                                            orjson.dumps(block.get("input") or {}).decode()))
         usage = parse_usage(message.get("usage"))
         finish = FINISH.get(message.get("stop_reason") or "end_turn", "stop")

@@ -114,6 +114,7 @@ class Reply:
     prompt_tokens: int
     cached_tokens: int
     tool_name: str | None = None
+    stop_sequence: str | None = None    # the stop sequence that ended the text, if one did
 
     @property
     def completion_tokens(self) -> int:
@@ -150,12 +151,14 @@ def make_reply(ask: Ask, behaviour: Behaviour) -> Reply:
                     rest.append(piece[len(ask.prefill) - consumed:])
                 consumed += len(piece)
             pieces = rest
+    stopped_by = None
     if ask.stop:
         text, out = "", []
         for piece in pieces:
-            cut = [i for s in ask.stop if (i := (text + piece).find(s)) >= 0]
+            cut = [(i, s) for s in ask.stop if (i := (text + piece).find(s)) >= 0]
             if cut:
-                keep = (text + piece)[:min(cut)][len(text):]
+                at, stopped_by = min(cut)
+                keep = (text + piece)[:at][len(text):]
                 if keep:
                     out.append(keep)
                 break
@@ -164,7 +167,7 @@ def make_reply(ask: Ask, behaviour: Behaviour) -> Reply:
         pieces = out
     if ask.max_tokens is not None and len(pieces) > ask.max_tokens:
         pieces, finish = pieces[:ask.max_tokens], "length"
-    return Reply(pieces, finish, prompt_tokens, behaviour.cached)
+    return Reply(pieces, finish, prompt_tokens, behaviour.cached, stop_sequence=stopped_by)
 
 
 @dataclass(slots=True)
@@ -202,10 +205,12 @@ class Seen:
 
 class Simulator:
     def __init__(self, default: Behaviour | None = None) -> None:
+        from .anthropic import AnthropicWire
+        from .gemini import GeminiWire
         from .openai import OpenAIWire
 
         self.default = default or Behaviour()
-        self.wires: dict[str, Wire] = {"openai": OpenAIWire()}
+        self.wires: dict[str, Wire] = {"openai": OpenAIWire(), "anthropic": AnthropicWire(), "gemini": GeminiWire()}
         self.seen: list[Seen] = []
         self.faults: dict[str, str] = {}
         self.record = True
