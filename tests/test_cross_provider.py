@@ -131,3 +131,16 @@ async def test_cost_from_each_providers_usage_with_cached_tokens(make_gateway: M
         assert record["cost_usd"] == pytest.approx(expected, rel=1e-9)
         assert record["attempts"][-1]["cost_usd"] == pytest.approx(expected, rel=1e-9)
     assert records[0]["cost_usd"] == records[1]["cost_usd"]
+
+
+@pytest.mark.parametrize("protocol", ["anthropic", "gemini"])
+async def test_what_a_protocol_cannot_express_is_a_400_naming_it(make_gateway: MakeGateway, fleet: Fleet,
+                                                                 protocol: str) -> None:
+    gw = await make_gateway(chain_of((protocol, "m-n3")))
+    audio = [{"role": "user", "content": [{"type": "input_audio",
+                                           "input_audio": {"data": "UklGRg==", "format": "wav"}}]}]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base + "/chat/completions", json={"model": "main", "messages": audio}) as resp:
+            body = await resp.json()
+    assert resp.status == 400 and "input_audio" in body["error"]["message"]
+    assert not fleet.sim.requests_for("m-n3")                   # refused before anything was sent

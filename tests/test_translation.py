@@ -8,15 +8,18 @@ these tests pin the adapters to the documented formats, not to our own simulator
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+import yaml
 
-from proxy.config import Deployment, Limits, Price, Provider, Timeouts
+from proxy.config import Deployment, Limits, Price, Provider, Timeouts, load
 from proxy.errors import FailureClass, UpstreamFailure
 from proxy.providers.anthropic import AnthropicAdapter
 from proxy.providers.gemini import GeminiAdapter
+from proxy.providers.openai import OpenAIAdapter
 from proxy.sse import SSEParser
 from proxy.usage import Usage
 
@@ -439,3 +442,25 @@ def test_gemini_errors(status: int, error: dict[str, Any], kind: FailureClass, r
     failure = GEMINI.classify(status, {}, orjson.dumps({"error": error}))
     assert failure.kind is kind and failure.message == error["message"] and failure.status == status
     assert failure.retry_after == retry_after
+
+
+# =========================================================================== vendors as config
+
+def test_readme_vendor_examples_load_and_address_their_servers(tmp_path: Path) -> None:
+    """The README's OpenAI-compatible vendors are config entries: they load, and Azure's
+    request carries its `api-key` header and `api-version` query, never a Bearer token."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Providers", 1)[1].split("\n## ", 1)[0]
+    providers = yaml.safe_load(section.split("```yaml", 1)[1].split("```", 1)[0])["providers"]
+    assert {"vllm", "ollama", "groq", "together", "mistral", "deepseek", "azure"} <= set(providers)
+    models = {f"m-{name}": {"tier": 1, "context_window": 8000, "price": {"input": 1, "output": 1},
+                            "deployments": [{"provider": name, "model": "some-model"}]} for name in providers}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"providers": providers, "models": models}))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"chains": {"all": list(models)}, "default": "all"}))
+    config = load(tmp_path / "p.yaml", tmp_path / "r.yaml", env={"AZURE_OPENAI_API_KEY": "azure-secret"})
+    assert {p.api for p in config.providers.values()} == {"openai"}
+    request = OpenAIAdapter().build(config.models["m-azure"].deployments[0],
+                                    {"messages": [{"role": "user", "content": "hi"}]}, False)
+    assert request.url == ("https://my-resource.openai.azure.com/openai/deployments/gpt-4o-prod"
+                           "/chat/completions?api-version=2024-10-21")
+    assert request.headers["api-key"] == "azure-secret" and "Authorization" not in request.headers

@@ -90,6 +90,7 @@ def _turns(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, An
     turns: list[dict[str, Any]] = []
     for message in messages:
         role = message.get("role")
+        blocks: list[dict[str, Any]]
         if role in ("system", "developer"):
             text = text_of(message.get("content"))
             if text:

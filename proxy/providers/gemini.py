@@ -178,7 +178,7 @@ def _generation_config(body: Mapping[str, Any]) -> dict[str, Any]:
         config["stopSequences"] = stop
     fmt = body.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, dict) else None
-    if kind in ("json_object", "json_schema"):
+    if isinstance(fmt, dict) and kind in ("json_object", "json_schema"):
         config["responseMimeType"] = "application/json"
         schema = (fmt.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
         if schema:

@@ -50,7 +50,8 @@ def _check_tool_ids(messages: list[dict[str, Any]]) -> None:
     """Each tool_result answers an earlier tool_use; ids match ^[a-zA-Z0-9_-]+$, as the API checks."""
     seen: set[str] = set()
     for message in messages:
-        for block in message.get("content") if isinstance(message.get("content"), list) else []:
+        content = message.get("content")
+        for block in content if isinstance(content, list) else []:
             if block.get("type") == "tool_use":
                 if not _TOOL_ID.match(str(block.get("id"))):
                     raise _reject("tool_use.id: String should match pattern '^[a-zA-Z0-9_-]+$'")
