@@ -7,7 +7,9 @@ blocks); images become base64 or url sources; tools, `tool_choice`, `stop`,
 `temperature` (clamped to Anthropic's 0..1), `top_p` and `max_tokens` (required here:
 DEFAULT_MAX_TOKENS when the caller sets none, which every current Claude model accepts)
 are mapped. A continuation's `prefill` is a trailing assistant turn, without trailing
-whitespace, which the API rejects.
+whitespace, which the API rejects; the model's next words usually bring that whitespace
+back, so a continued answer may repeat a space at the seam (the translator is not told
+the prefill, so it cannot trim it).
 
 JSON output: Messages has no `response_format`, so `json_object` and `json_schema` add
 a system instruction to answer with one JSON object only (quoting the schema for
