@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import MakeGateway, RunningGateway, model_entry
+from .conftest import MakeGateway, RunningGateway, model_entry
 from openai import APIStatusError, AsyncOpenAI
 
 from proxy.simulator import canonical_text

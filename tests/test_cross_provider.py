@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import Fleet, MakeGateway, RunningGateway, model_entry
+from .conftest import Fleet, MakeGateway, RunningGateway, model_entry
 
 from proxy.simulator import canonical_text
 
