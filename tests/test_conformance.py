@@ -13,10 +13,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from .conftest import MakeGateway, RunningGateway, model_entry
 from openai import APIStatusError, AsyncOpenAI
 
 from proxy.simulator import canonical_text
+
+from .conftest import MakeGateway, RunningGateway, model_entry
 
 PROTOCOLS = ("openai", "anthropic", "gemini")
 WEATHER_TOOL = {"type": "function", "function": {

@@ -14,9 +14,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from .conftest import Fleet, MakeGateway, RunningGateway, model_entry
 
 from proxy.simulator import canonical_text
+
+from .conftest import Fleet, MakeGateway, RunningGateway, model_entry
 
 PRICE = {"input": 3.0, "output": 15.0, "cached_input": 0.3, "cache_write": 3.75}
 ASK = [{"role": "user", "content": "Tell me something about foxes, please."}]
