@@ -18,7 +18,7 @@ import sys
 
 from aiohttp import web
 
-from . import handlers
+from . import cors, handlers
 from .config import Config
 from .gateway import Gateway
 from .handlers import GATEWAY
@@ -29,6 +29,7 @@ log = logging.getLogger("proxy.app")
 def create_app(config: Config, gateway: Gateway | None = None) -> web.Application:
     app = web.Application(middlewares=[handlers.openai_errors], client_max_size=1 << 40)
     app[GATEWAY] = gateway or Gateway(config)
+    cors.install(app)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/route", handlers.route)
@@ -58,13 +59,62 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# Header limits for the HTTP parser: an Authorization header plus the X-* routing headers fit
+# many times over; a client sending more gets 431/400 before any handler runs.
+MAX_LINE_SIZE = 8 * 1024
+MAX_FIELD_SIZE = 16 * 1024
+# After the drain deadline, the streams still running get this long to write their error event.
+CUT_OFF_GRACE_S = 3.0
+# What aiohttp's own shutdown then allows the remaining (non-chat) handlers.
+SHUTDOWN_TIMEOUT_S = 1.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def make_runner(app: web.Application) -> web.AppRunner:
+    """The runner with the production request-handler settings (tests use the same)."""
+    return web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
+                         shutdown_timeout=SHUTDOWN_TIMEOUT_S, max_line_size=MAX_LINE_SIZE,
+                         max_field_size=MAX_FIELD_SIZE)
+
+
+async def drain(gateway: Gateway, runner: web.AppRunner, deadline_s: float) -> None:
+    """Stop taking work and let the requests in flight finish, up to `deadline_s`.
+
+    aiohttp's own `runner.cleanup()` is not enough for streams: its shutdown waits
+    `shutdown_timeout` for a handler, then *again* up to `shutdown_timeout` after
+    cancelling the request, and then cancels the handler task, which closes a stream
+    silently in the middle of an answer. So the drain happens here first: close the
+    listener, ask every keep-alive connection to close after its current answer, wait
+    for the chat requests in flight; at the deadline cancel those still running, and
+    `handlers.chat_completions` ends each with an error event (or a 503) because
+    `gateway.cut_off` says the cancel is ours. Only then does `cleanup()` run, with
+    nothing left to cut, and flush the decision log through the app's on_cleanup.
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    gateway.draining = True
+    for site in list(runner.sites):
+        await site.stop()                   # the listener closes: no new connections
+    await asyncio.sleep(0)                  # requests already accepted get to start
+    if runner.server is not None:
+        runner.server.pre_shutdown()        # idle keep-alive connections close, busy ones after this answer
+    while gateway.in_flight and (remaining := end - loop.time()) > 0:
+        await asyncio.wait(set(gateway.in_flight), timeout=remaining)
+    if gateway.in_flight:
+        log.warning("drain deadline passed, ending requests still running",
+                    extra={"requests": len(gateway.in_flight), "deadline_s": deadline_s})
+        gateway.cut_off = True
+        for task in gateway.in_flight:
+            task.cancel()
+        await asyncio.wait(set(gateway.in_flight), timeout=CUT_OFF_GRACE_S)
+
+
 async def run_server(config: Config, host: str, port: int, reuse_port: bool = False,
                      sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain. Returns the exit code."""
     gateway = Gateway(config)
     app = create_app(config, gateway)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
-                           shutdown_timeout=config.server.drain_timeout_s)
+    runner = make_runner(app)
     await runner.setup()
     site: web.BaseSite
     if sock is not None:
@@ -77,27 +127,40 @@ async def run_server(config: Config, host: str, port: int, reuse_port: bool = Fa
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    log.info("listening", extra={"host": host, "port": port, "pid": os.getpid()})
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)    # blocked by `serve` around the fork
+    log.info("listening", extra={"address": site.name, "pid": os.getpid(),
+                                 "auth": "keys" if config.auth_required else "off"})
     await stop.wait()
-    log.info("draining", extra={"deadline_s": config.server.drain_timeout_s})
-    gateway.draining = True
-    await runner.cleanup()          # closes the listener, waits for requests in flight, then on_cleanup
-    log.info("stopped")
+    deadline = gateway.snapshot.config.server.drain_timeout_s    # the current config's, after reloads
+    log.info("draining", extra={"deadline_s": deadline, "in_flight": len(gateway.in_flight), "pid": os.getpid()})
+    await drain(gateway, runner, deadline)
+    await runner.cleanup()          # nothing left in flight; on_cleanup flushes the decision log
+    log.info("stopped", extra={"pid": os.getpid()})
     return 0
 
 
 def serve(config: Config, host: str, port: int, workers: int = 1) -> int:
-    """Run `workers` processes sharing the port (SO_REUSEPORT); the parent supervises."""
+    """Run `workers` processes sharing the port (SO_REUSEPORT); the parent forwards signals.
+
+    Each worker has its own Gateway: breakers, buckets and key limits are per process.
+    """
     import uvloop
 
     if workers <= 1:
         return uvloop.run(run_server(config, host, port))
+    # Signals stay blocked from before the first fork until each process has its handlers,
+    # so an early SIGHUP can neither kill a worker nor run the parent's handler in it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     children = []
     for _ in range(workers):
         pid = os.fork()
         if pid == 0:
-            code = uvloop.run(run_server(config, host, port, reuse_port=True))
-            os._exit(code)
+            code = 1
+            try:
+                code = uvloop.run(run_server(config, host, port, reuse_port=True))
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
         children.append(pid)
 
     def forward(signum: int, _frame: object) -> None:
@@ -107,16 +170,13 @@ def serve(config: Config, host: str, port: int, workers: int = 1) -> int:
             except ProcessLookupError:
                 pass
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    log.info("workers started", extra={"workers": workers, "pids": children, "pid": os.getpid()})
     code = 0
     for child in children:
-        while True:
-            try:
-                _, status = os.waitpid(child, 0)
-                break
-            except InterruptedError:
-                continue
-        code = code or (os.waitstatus_to_exitcode(status) if status else 0)
+        _, status = os.waitpid(child, 0)        # PEP 475: retried after our signal handler runs
+        code = code or os.waitstatus_to_exitcode(status)
     sys.stdout.flush()
     return code

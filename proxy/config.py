@@ -147,6 +147,7 @@ class ServerSettings:
     decision_log: str = "stdout"                # "stdout", "off" or a file path
     cors_origins: tuple[str, ...] = ()
     drain_timeout_s: float = 30.0
+    body_timeout_s: float = 30.0                # a client must deliver its whole body in this time
 
 
 @dataclass(frozen=True, slots=True)
@@ -438,7 +439,7 @@ def _key(node: _Node, env: Mapping[str, str]) -> GatewayKey | None:
 def _server(node: _Node) -> ServerSettings:
     m = node.mapping((
         "max_body_bytes", "max_messages", "max_attempts", "max_retry_wait_s", "request_timeout_s",
-        "default_tier", "decision_log", "cors_origins", "drain_timeout_s",
+        "default_tier", "decision_log", "cors_origins", "drain_timeout_s", "body_timeout_s",
     ))
     d = ServerSettings()
     return ServerSettings(
@@ -451,6 +452,7 @@ def _server(node: _Node) -> ServerSettings:
         decision_log=_opt(m, "decision_log", _Node.string, d.decision_log),
         cors_origins=_opt(m, "cors_origins", _Node.strings, d.cors_origins),
         drain_timeout_s=_opt(m, "drain_timeout_s", _Node.number, d.drain_timeout_s),
+        body_timeout_s=_opt(m, "body_timeout_s", lambda n: n.number(0.001), d.body_timeout_s),
     )
 
 

@@ -9,9 +9,11 @@ is keyed by stable deployment ids, so breakers and buckets carry over.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from .balancer import MemoryState, StateStore
 from .config import Config, GatewayKey
 from .decisions import Decision, DecisionLog
 from .dispatch import Dispatcher
-from .errors import forbidden, unauthorized
+from .errors import GatewayError, forbidden, unauthorized
 from .metrics import Metrics
 from .providers import Adapter, registry
 from .router import Router
@@ -72,7 +74,9 @@ class Gateway:
         self.metrics = Metrics(self)
         self.snapshot = self._build(config)
         self.ready = False
-        self.draining = False
+        self.draining = False           # SIGTERM seen: /readyz answers 503
+        self.cut_off = False            # the drain deadline passed: requests still running are ended
+        self.in_flight: set[asyncio.Task[object]] = set()    # chat requests, for the drain
 
     def _build(self, config: Config) -> Snapshot:
         dispatcher = Dispatcher(self.adapters, self.transport, self.state, config.server, clock=self.clock)
@@ -87,15 +91,33 @@ class Gateway:
         await self.transport.close()
         await self.decisions.close()
 
+    def admit(self, key: GatewayKey | None) -> None:
+        """The key's own requests-per-minute bucket; raises 429 with Retry-After when it is empty.
+
+        The bucket lives in the state store under the key's name, so it survives a reload
+        (a changed `rpm` starts a fresh bucket)."""
+        if key is None or key.rpm is None:
+            return
+        now = self.clock()
+        bucket = self.state.bucket(f"key:{key.name}", key.rpm, now)
+        if not bucket.available(1, now):
+            retry = max(1, math.ceil(bucket.wait_s(1, now)))
+            raise GatewayError(429, f"key '{key.name}' exceeded its limit of {key.rpm} requests per minute",
+                               "rate_limit_error", "key_rate_limited", headers={"Retry-After": str(retry)},
+                               outcome="rate_limited")
+        bucket.take(1, now)
+
     def reload(self) -> bool:
         """Load both files again; keep the old config (and say why) when the new one is invalid."""
         old = self.snapshot.config
         try:
             new = config_module.load(old.providers_path, old.routes_path)
-        except config_module.ConfigError as exc:
-            log.error("reload rejected, the old config keeps serving", extra={"reason": str(exc)})
+            snapshot = self._build(new)
+        except Exception as exc:       # a reload must never take the serving config down
+            reason = str(exc) if isinstance(exc, config_module.ConfigError) else f"{type(exc).__name__}: {exc}"
+            log.error("reload rejected, the old config keeps serving", extra={"reason": reason})
             return False
-        self.snapshot = self._build(new)
+        self.snapshot = snapshot
         if new.server.decision_log != self.decisions.destination:
             log.warning("decision_log destination changes take effect on restart")
         self.decisions.reopen()

@@ -10,7 +10,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -25,6 +25,7 @@ from .gateway import Gateway, Snapshot
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .router import Plan
 from .signals import Signals, extract
+from .sse import frame
 
 GATEWAY = web.AppKey("gateway", Gateway)
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -75,18 +76,24 @@ def error_response(err: GatewayError, headers: Mapping[str, str]) -> web.Respons
                         content_type="application/json")
 
 
-async def read_json(request: web.Request, max_bytes: int) -> Any:
-    """The body, decoded once; 413 over the limit, 400 when it is not JSON."""
+async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 30.0) -> Any:
+    """The body, decoded once; 413 over the limit, 408 when it trickles in slower than
+    `timeout_s` (a slow client must not pin a handler), 400 when it is not JSON."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise GatewayError(413, f"request body exceeds {max_bytes} bytes", "invalid_request_error",
                            "request_too_large", outcome="bad_request")
     chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > max_bytes:
-            raise GatewayError(413, f"request body exceeds {max_bytes} bytes", "invalid_request_error",
-                               "request_too_large", outcome="bad_request")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise GatewayError(413, f"request body exceeds {max_bytes} bytes", "invalid_request_error",
+                                       "request_too_large", outcome="bad_request")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise GatewayError(408, f"the request body did not arrive within {timeout_s:g}s", "invalid_request_error",
+                           "request_timeout", outcome="bad_request") from None
     raw = b"".join(chunks)
     if not raw:
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
@@ -135,10 +142,15 @@ def route_view(plan: Plan, decision: Decision) -> dict[str, Any]:
     return {**plan.to_json(), "tier": decision.tier, "key": decision.key, "signals": decision.signals}
 
 
-async def _read_and_decide(request: web.Request, snapshot: Snapshot, decision: Decision
+async def _read_and_decide(request: web.Request, snapshot: Snapshot, decision: Decision,
+                           admit: Callable[[GatewayKey | None], None] | None = None
                            ) -> tuple[dict[str, Any], Signals, Plan]:
     key = snapshot.authenticate(request.headers.get("Authorization"))    # 401 before reading any body
-    body = await read_json(request, snapshot.config.server.max_body_bytes)
+    if admit is not None:
+        decision.key = key.name if key is not None else None
+        admit(key)                                                          # the key's own rpm: 429
+    server = snapshot.config.server
+    body = await read_json(request, server.max_body_bytes, server.body_timeout_s)
     signals, plan = decide(snapshot, key, request.headers, body, decision)
     return body, signals, plan
 
@@ -161,8 +173,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     snapshot = gateway.snapshot                 # pinned: a reload does not change this request
     decision = Decision(request_id(request), gateway.clock())
     writer: SSEWriter | None = None
+    task = asyncio.current_task()
+    assert task is not None
+    gateway.in_flight.add(task)                 # the drain waits for this set to empty
     try:
-        body, signals, plan = await _read_and_decide(request, snapshot, decision)
+        body, signals, plan = await _read_and_decide(request, snapshot, decision, gateway.admit)
         deadline = decision.started + snapshot.config.server.request_timeout_s
         exchange = Exchange(decision.request_id, body, signals, plan, decision, deadline)
         if signals.stream:
@@ -180,12 +195,34 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         decision.outcome = "client_disconnected"
         return writer.response if writer is not None and writer.response is not None else web.Response()
     except asyncio.CancelledError:
-        decision.outcome = "client_disconnected"
-        raise
+        if not gateway.cut_off:
+            decision.outcome = "client_disconnected"
+            raise
+        task.uncancel()                         # our own drain deadline, not the client: answer it
+        return await _cut_off(writer, decision)
     finally:
+        gateway.in_flight.discard(task)
         if decision.outcome == "ok" and decision.served_model is None:
             decision.outcome = "error"
         gateway.finish(decision)
+
+
+async def _cut_off(writer: SSEWriter | None, decision: Decision) -> web.StreamResponse:
+    """The drain deadline passed with this request still running: end it honestly, a stream
+    with an error event (never a silent close), anything else with a 503."""
+    err = GatewayError(503, "the gateway is shutting down and its drain deadline passed; retry the request",
+                       "server_error", "shutting_down", outcome="shutdown")
+    decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
+    response = writer.response if writer is not None else None
+    if response is None or not response.prepared:
+        return error_response(err, {**_answer_headers(decision), "Retry-After": "1", "Connection": "close"})
+    decision.outcome = "stream_error"
+    try:
+        await writer.write(frame(err.body()))   # type: ignore[union-attr]
+        await writer.finish()                   # type: ignore[union-attr]
+    except ClientGone:
+        decision.outcome = "client_disconnected"
+    return response
 
 
 async def route(request: web.Request) -> web.Response:

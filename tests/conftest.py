@@ -7,17 +7,24 @@ serves them with the production app settings (handler cancellation on).
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 import yaml
 from aiohttp import web
 
 from proxy import config as config_module
-from proxy.app import create_app
+from proxy.app import create_app, make_runner
 from proxy.gateway import Gateway
 from proxy.handlers import GATEWAY
 from proxy.simulator import Simulator
@@ -86,7 +93,7 @@ def write_config(tmp_path: Path, fleet: Fleet, models: dict[str, Any], routes: d
 
 async def serve(config: config_module.Config) -> tuple[RunningGateway, web.AppRunner]:
     app = create_app(config)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=2)
+    runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -114,3 +121,84 @@ async def make_gateway(tmp_path: Path, fleet: Fleet, monkeypatch: pytest.MonkeyP
     yield make
     for runner in runners:
         await runner.cleanup()
+
+
+# --------------------------------------------------------------------------- a real `python -m proxy serve`
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class GatewayProcess:
+    """`python -m proxy serve` in a subprocess; its JSON log lines land in `log_path`."""
+
+    proc: asyncio.subprocess.Process
+    url: str
+    log_path: Path
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = self.log_path.read_bytes().splitlines()
+        return [orjson.loads(line) for line in lines if line.startswith(b"{")]
+
+    async def wait_ready(self, timeout_s: float = 15.0) -> None:
+        async with asyncio.timeout(timeout_s), aiohttp.ClientSession() as session:
+            while True:
+                if self.proc.returncode is not None:
+                    raise AssertionError(f"gateway exited with {self.proc.returncode}: {self.log_path.read_text()}")
+                try:
+                    async with session.get(self.url + "/readyz") as resp:
+                        if resp.status == 200:
+                            return
+                except aiohttp.ClientConnectionError:
+                    pass
+                await asyncio.sleep(0.05)
+
+    async def exit_code(self, timeout_s: float) -> int:
+        async with asyncio.timeout(timeout_s):
+            return await self.proc.wait()
+
+
+SpawnGateway = Callable[..., Awaitable[GatewayProcess]]
+
+
+@pytest.fixture
+async def spawn_gateway(tmp_path: Path) -> AsyncIterator[SpawnGateway]:
+    """Start gateways as subprocesses; every one is killed at the end, whatever happened."""
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def spawn(providers: Path, routes: Path, *args: str, env: dict[str, str] | None = None,
+                    host: str = "127.0.0.1", ready: bool = True) -> GatewayProcess:
+        port = free_port()
+        log_path = tmp_path / f"gateway{len(procs)}.log"
+        with open(log_path, "wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", "serve", "--providers", str(providers), "--routes", str(routes),
+                "--host", host, "--port", str(port), *args, cwd=ROOT,
+                env={**os.environ, "SIM_PROVIDER_KEY": "sk-sim-provider-secret-0001", **(env or {})},
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log_file)
+        procs.append(proc)
+        running = GatewayProcess(proc, f"http://127.0.0.1:{port}", log_path)
+        if ready:
+            await running.wait_ready()
+        return running
+
+    try:
+        yield spawn
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                for child in child_pids(proc.pid):      # --workers: never leave a worker behind
+                    os.kill(child, signal.SIGKILL)
+                proc.kill()
+                await proc.wait()
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []

@@ -1,0 +1,117 @@
+"""Gateway keys: every way a key can be refused gets its own status, and no key is ever echoed."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from conftest import MakeGateway, RunningGateway, model_entry
+
+WEB_KEY = "gw-web-0123456789abcdef"
+BATCH_KEY = "gw-batch-fedcba9876543210"
+HASHED_KEY = "gw-hashed-aaaabbbbccccdddd"
+BODY = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def _routes(rpm: int = 3) -> dict:
+    return {
+        "chains": {"main": ["fast"], "spare": ["other"]},
+        "default": "main",
+        "keys": [
+            {"name": "web-app", "key_env": "WEB_APP_KEY", "tier": "standard", "trust_tier_header": True},
+            {"name": "batch", "key_env": "BATCH_KEY", "tier": "free", "allow": ["auto", "main"], "rpm": rpm},
+            {"name": "hashed", "key_sha256": hashlib.sha256(HASHED_KEY.encode()).hexdigest(), "tier": "premium"},
+        ],
+        "server": {"decision_log": "DECISIONS"},
+    }
+
+
+@pytest.fixture
+async def keyed(make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> RunningGateway:
+    monkeypatch.setenv("WEB_APP_KEY", WEB_KEY)
+    monkeypatch.setenv("BATCH_KEY", BATCH_KEY)
+    routes = _routes()
+    routes["server"]["decision_log"] = str(tmp_path / "decisions.jsonl")
+    return await make_gateway({"fast": model_entry("fast-n3"), "other": model_entry("other-n3")}, routes)
+
+
+async def _post(gw: RunningGateway, path: str, body: dict, headers: dict[str, str]) -> tuple[int, dict, dict]:
+    async with aiohttp.ClientSession() as session, \
+            session.post(gw.base + path, json=body, headers=headers) as resp:
+        return resp.status, dict(resp.headers), await resp.json(content_type=None)
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_missing_and_unknown_keys_get_401(keyed: RunningGateway) -> None:
+    status, _, body = await _post(keyed, "/chat/completions", BODY, {})
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    status, _, body = await _post(keyed, "/chat/completions", BODY, _bearer("gw-not-a-key"))
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert "gw-not-a-key" not in orjson.dumps(body).decode()
+    status, _, _ = await _post(keyed, "/chat/completions", BODY, {"Authorization": f"Basic {WEB_KEY}"})
+    assert status == 401
+
+
+async def test_env_and_sha256_keys_are_accepted(keyed: RunningGateway) -> None:
+    for key in (WEB_KEY, HASHED_KEY):
+        status, headers, body = await _post(keyed, "/chat/completions", BODY, _bearer(key))
+        assert status == 200, body
+        assert headers["X-Route-Model"] == "fast"
+
+
+async def test_key_not_allowed_this_model_gets_403(keyed: RunningGateway) -> None:
+    status, _, body = await _post(keyed, "/chat/completions", {**BODY, "model": "other"}, _bearer(BATCH_KEY))
+    assert status == 403
+    assert body["error"]["code"] == "model_not_allowed" and "batch" in body["error"]["message"]
+    status, _, _ = await _post(keyed, "/chat/completions", {**BODY, "model": "main"}, _bearer(BATCH_KEY))
+    assert status == 200
+
+
+async def test_tier_header_counts_only_for_trusted_keys(keyed: RunningGateway) -> None:
+    premium = {"X-User-Tier": "premium"}
+    _, _, trusted = await _post(keyed, "/route", BODY, {**_bearer(WEB_KEY), **premium})
+    assert trusted["tier"] == "premium" and trusted["key"] == "web-app"
+    status, _, untrusted = await _post(keyed, "/route", BODY, {**_bearer(BATCH_KEY), **premium})
+    assert status == 200 and untrusted["tier"] == "free"      # the key's own tier stands
+
+
+async def test_per_key_rpm_answers_429_with_retry_after(keyed: RunningGateway) -> None:
+    for _ in range(3):
+        status, _, _ = await _post(keyed, "/chat/completions", BODY, _bearer(BATCH_KEY))
+        assert status == 200
+    status, headers, body = await _post(keyed, "/chat/completions", BODY, _bearer(BATCH_KEY))
+    assert status == 429
+    assert body["error"]["type"] == "rate_limit_error" and body["error"]["code"] == "key_rate_limited"
+    assert 1 <= int(headers["Retry-After"]) <= 20          # one request per 20 s at rpm 3
+    status, _, _ = await _post(keyed, "/chat/completions", BODY, _bearer(WEB_KEY))
+    assert status == 200                                    # other keys have their own bucket
+
+
+async def test_key_limit_and_breakers_survive_a_reload(keyed: RunningGateway, tmp_path: Path) -> None:
+    gateway = keyed.gateway
+    for _ in range(3):
+        assert (await _post(keyed, "/chat/completions", BODY, _bearer(BATCH_KEY)))[0] == 200
+    breaker = gateway.state.breaker("fast/sim-openai/0")
+    before = gateway.snapshot
+    assert gateway.reload() is True
+    assert gateway.snapshot is not before
+    assert gateway.state.breaker("fast/sim-openai/0") is breaker
+    status, _, _ = await _post(keyed, "/chat/completions", BODY, _bearer(BATCH_KEY))
+    assert status == 429                                    # the bucket carried over the reload
+
+
+async def test_keys_never_reach_the_decision_log(keyed: RunningGateway, tmp_path: Path) -> None:
+    for key in (WEB_KEY, BATCH_KEY, "gw-not-a-key"):
+        await _post(keyed, "/chat/completions", BODY, _bearer(key))
+    await keyed.gateway.decisions.close()
+    text = (tmp_path / "decisions.jsonl").read_text()
+    assert text.count("\n") == 3
+    assert '"key":"web-app"' in text and '"key":"batch"' in text
+    for secret in (WEB_KEY, BATCH_KEY, "gw-not-a-key"):
+        assert secret not in text
