@@ -3,8 +3,10 @@
 A map of the package, a line per module:
 
   __main__      the command line (serve, check, explain, report, demo, chaos, systemd-unit)
-  app           wiring: the aiohttp app, routes, serving loop, signals, workers
+  app           wiring: the aiohttp app, routes, serving loop, signals, the drain
+  workers       --workers N: forked processes on one port, signals forwarded, respawn
   handlers      the HTTP edge: decode once, call the gateway, write JSON or SSE, shape errors
+  cors          browser clients: preflight and CORS headers for the configured origins
   gateway       the one app-scoped object: config snapshot, state, sessions, log, metrics
   config        providers.yaml + routes.yaml -> frozen dataclasses, errors with file and path
   checks        warnings of `llm-proxy check`
@@ -20,6 +22,7 @@ A map of the package, a line per module:
   decisions     one decision record per request and the JSON-lines log
   metrics       Prometheus metrics derived from decision records
   logs          structured JSON logs
+  systemd       `llm-proxy systemd-unit`: a hardened service unit for this install
   demo          the gateway in front of the simulated fleet
   providers/    one pure adapter per wire protocol: openai, anthropic, gemini
   simulator/    the fake provider fleet used by tests, bench and demo

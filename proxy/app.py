@@ -1,7 +1,7 @@
 """Wiring only: the aiohttp application, its routes, and the serving loop with signals.
 
 The one `Gateway` object lives under `handlers.GATEWAY`. `serve` runs one process (or
-N with SO_REUSEPORT) on uvloop; SIGHUP reloads the config, SIGTERM and SIGINT drain:
+N with SO_REUSEPORT, see proxy.workers) on uvloop; SIGHUP reloads the config, SIGTERM and SIGINT drain:
 /readyz turns 503, the listener closes, requests in flight finish up to the drain
 deadline, the decision log is flushed, and the process exits 0.
 """
@@ -14,14 +14,15 @@ import logging
 import os
 import signal
 import socket
-import sys
 
 from aiohttp import web
 
+from . import config as config_module
 from . import cors, handlers
 from .config import Config
 from .gateway import Gateway
 from .handlers import GATEWAY
+from .workers import FORWARDED, supervise
 
 log = logging.getLogger("proxy.app")
 
@@ -67,7 +68,6 @@ MAX_FIELD_SIZE = 16 * 1024
 CUT_OFF_GRACE_S = 3.0
 # What aiohttp's own shutdown then allows the remaining (non-chat) handlers.
 SHUTDOWN_TIMEOUT_S = 1.0
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def make_runner(app: web.Application) -> web.AppRunner:
@@ -98,8 +98,12 @@ async def drain(gateway: Gateway, runner: web.AppRunner, deadline_s: float) -> N
     await asyncio.sleep(0)                  # requests already accepted get to start
     if runner.server is not None:
         runner.server.pre_shutdown()        # idle keep-alive connections close, busy ones after this answer
-    while gateway.in_flight and (remaining := end - loop.time()) > 0:
-        await asyncio.wait(set(gateway.in_flight), timeout=remaining)
+    pending: set[asyncio.Task[object]] = set()
+    while True:                             # until every request seen has sent its last byte
+        pending = {task for task in pending | gateway.in_flight if not task.done()}
+        if not pending or (remaining := end - loop.time()) <= 0:
+            break
+        await asyncio.wait(pending, timeout=remaining)
     if gateway.in_flight:
         log.warning("drain deadline passed, ending requests still running",
                     extra={"requests": len(gateway.in_flight), "deadline_s": deadline_s})
@@ -127,7 +131,7 @@ async def run_server(config: Config, host: str, port: int, reuse_port: bool = Fa
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)    # blocked by `serve` around the fork
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)       # blocked around a worker's fork
     log.info("listening", extra={"address": site.name, "pid": os.getpid(),
                                  "auth": "keys" if config.auth_required else "off"})
     await stop.wait()
@@ -140,43 +144,19 @@ async def run_server(config: Config, host: str, port: int, reuse_port: bool = Fa
 
 
 def serve(config: Config, host: str, port: int, workers: int = 1) -> int:
-    """Run `workers` processes sharing the port (SO_REUSEPORT); the parent forwards signals.
-
-    Each worker has its own Gateway: breakers, buckets and key limits are per process.
-    """
+    """Run one process, or `workers` processes sharing the port (see proxy.workers)."""
     import uvloop
 
     if workers <= 1:
         return uvloop.run(run_server(config, host, port))
-    # Signals stay blocked from before the first fork until each process has its handlers,
-    # so an early SIGHUP can neither kill a worker nor run the parent's handler in it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    children = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = uvloop.run(run_server(config, host, port, reuse_port=True))
-            finally:
-                sys.stdout.flush()
-                os._exit(code)
-        children.append(pid)
 
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
+    def run_worker(respawned: bool) -> int:
+        current = config
+        if respawned:               # the files may have been reloaded since the parent read them
             try:
-                os.kill(child, signum)
-            except ProcessLookupError:
-                pass
+                current = config_module.load(config.providers_path, config.routes_path)
+            except config_module.ConfigError as exc:
+                log.error("config invalid, the new worker uses the one read at start", extra={"reason": str(exc)})
+        return uvloop.run(run_server(current, host, port, reuse_port=True))
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    log.info("workers started", extra={"workers": workers, "pids": children, "pid": os.getpid()})
-    code = 0
-    for child in children:
-        _, status = os.waitpid(child, 0)        # PEP 475: retried after our signal handler runs
-        code = code or os.waitstatus_to_exitcode(status)
-    sys.stdout.flush()
-    return code
+    return supervise(workers, run_worker)

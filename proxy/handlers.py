@@ -212,9 +212,10 @@ async def _cut_off(writer: SSEWriter | None, decision: Decision) -> web.StreamRe
     with an error event (never a silent close), anything else with a 503."""
     err = GatewayError(503, "the gateway is shutting down and its drain deadline passed; retry the request",
                        "server_error", "shutting_down", outcome="shutdown")
-    decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
+    decision.error = err.message
     response = writer.response if writer is not None else None
     if response is None or not response.prepared:
+        decision.outcome, decision.status = err.outcome, err.status
         return error_response(err, {**_answer_headers(decision), "Retry-After": "1", "Connection": "close"})
     decision.outcome = "stream_error"
     try:
