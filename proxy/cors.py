@@ -10,6 +10,7 @@ byte. Imports only the app key from handlers.
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .errors import error_body
 from .handlers import GATEWAY
@@ -32,7 +33,7 @@ def allowed_origin(request: web.Request) -> str | None:
 
 
 @web.middleware
-async def preflight(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def preflight(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer `OPTIONS` + `Access-Control-Request-Method` here: no key, no body, no routing."""
     if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
         return await handler(request)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-from conftest import MakeGateway, RunningGateway, model_entry
+
+from .conftest import MakeGateway, RunningGateway, model_entry
 
 APP = "https://chat.example.com"
 BODY = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hello"}]}

@@ -11,11 +11,12 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from conftest import Fleet, model_entry, write_config
 
 from proxy import config as config_module
 from proxy.app import create_app, drain, make_runner
 from proxy.handlers import GATEWAY
+
+from .conftest import Fleet, model_entry, write_config
 
 TIMEOUTS = {"connect_s": 1, "first_token_s": 10, "idle_s": 10, "total_s": 60}
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from conftest import MakeGateway, RunningGateway, model_entry
+
+from .conftest import MakeGateway, RunningGateway, model_entry
 
 WEB_KEY = "gw-web-0123456789abcdef"
 BATCH_KEY = "gw-batch-fedcba9876543210"

@@ -10,10 +10,11 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from conftest import Fleet, MakeGateway, model_entry, write_config
 
 from proxy import config as config_module
 from proxy.app import MAX_FIELD_SIZE, create_app, make_runner
+
+from .conftest import Fleet, MakeGateway, model_entry, write_config
 
 
 async def test_header_size_limit(make_gateway: MakeGateway) -> None:

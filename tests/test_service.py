@@ -18,7 +18,8 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-from conftest import Fleet, GatewayProcess, SpawnGateway, child_pids, model_entry, write_config
+
+from .conftest import Fleet, GatewayProcess, SpawnGateway, child_pids, model_entry, write_config
 
 pytestmark = pytest.mark.timeout(60)
 MESSAGES = [{"role": "user", "content": "hello"}]

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+
+from .conftest import ROOT
 
 PROVIDERS = ROOT / "providers.yaml"
 ROUTES = ROOT / "routes.yaml"
