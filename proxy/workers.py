@@ -85,5 +85,6 @@ def supervise(workers: int, run_worker: Callable[[bool], int]) -> int:
             continue
         log.error("worker died, starting another", extra={"worker": pid, "exit_code": exit_code})
         spawn(True)
+    log.info("workers stopped", extra={"exit_code": code, "pid": os.getpid()})
     sys.stdout.flush()
     return code
