@@ -117,6 +117,7 @@ async def run_server(config: Config, host: str, port: int, reuse_port: bool = Fa
                      sock: socket.socket | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain. Returns the exit code."""
     gateway = Gateway(config)
+    gateway.keys_required = config.auth_required and not is_loopback(host)
     app = create_app(config, gateway)
     runner = make_runner(app)
     await runner.setup()

@@ -76,6 +76,7 @@ class Gateway:
         self.ready = False
         self.draining = False           # SIGTERM seen: /readyz answers 503
         self.cut_off = False            # the drain deadline passed: requests still running are ended
+        self.keys_required = False      # serving beyond loopback with keys: a reload may not drop them
         self.in_flight: set[asyncio.Task[object]] = set()    # chat requests, for the drain
 
     def _build(self, config: Config) -> Snapshot:
@@ -112,6 +113,9 @@ class Gateway:
         old = self.snapshot.config
         try:
             new = config_module.load(old.providers_path, old.routes_path)
+            if self.keys_required and not new.auth_required:
+                raise config_module.ConfigError(f"{old.routes_path}: keys: the gateway serves beyond loopback, "
+                                                "so the keys section cannot be removed by a reload")
             snapshot = self._build(new)
         except Exception as exc:       # a reload must never take the serving config down
             reason = str(exc) if isinstance(exc, config_module.ConfigError) else f"{type(exc).__name__}: {exc}"

@@ -8,6 +8,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from .conftest import MakeGateway, RunningGateway, model_entry
 
@@ -116,3 +117,19 @@ async def test_keys_never_reach_the_decision_log(keyed: RunningGateway, tmp_path
     assert '"key":"web-app"' in text and '"key":"batch"' in text
     for secret in (WEB_KEY, BATCH_KEY, "gw-not-a-key"):
         assert secret not in text
+
+
+async def test_a_reload_cannot_drop_the_keys_of_a_public_gateway(keyed: RunningGateway) -> None:
+    gateway = keyed.gateway
+    gateway.keys_required = True            # what `serve` sets when bound beyond loopback with keys
+    routes = Path(gateway.snapshot.config.routes_path)
+    data = yaml.safe_load(routes.read_text())
+    del data["keys"]
+    routes.write_text(yaml.safe_dump(data))
+    assert gateway.reload() is False
+    status, _, _ = await _post(keyed, "/chat/completions", BODY, {})
+    assert status == 401                    # still authenticating
+    gateway.keys_required = False           # on loopback the same reload is fine
+    assert gateway.reload() is True
+    status, _, _ = await _post(keyed, "/chat/completions", BODY, {})
+    assert status == 200
