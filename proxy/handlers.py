@@ -213,17 +213,16 @@ async def _cut_off(writer: SSEWriter | None, decision: Decision) -> web.StreamRe
     err = GatewayError(503, "the gateway is shutting down and its drain deadline passed; retry the request",
                        "server_error", "shutting_down", outcome="shutdown")
     decision.error = err.message
-    response = writer.response if writer is not None else None
-    if response is None or not response.prepared:
+    if writer is None or writer.response is None or not writer.response.prepared:
         decision.outcome, decision.status = err.outcome, err.status
         return error_response(err, {**_answer_headers(decision), "Retry-After": "1", "Connection": "close"})
     decision.outcome = "stream_error"
     try:
-        await writer.write(frame(err.body()))   # type: ignore[union-attr]
-        await writer.finish()                   # type: ignore[union-attr]
+        await writer.write(frame(err.body()))
+        await writer.finish()
     except ClientGone:
         decision.outcome = "client_disconnected"
-    return response
+    return writer.response
 
 
 async def route(request: web.Request) -> web.Response:
