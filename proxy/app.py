@@ -34,6 +34,7 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_post("/chat/completions", handlers.chat_completions)
     app.router.add_post("/v1/route", handlers.route)
+    app.router.add_post("/v1/feedback", handlers.feedback)
     app.router.add_get("/v1/models", handlers.models)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)

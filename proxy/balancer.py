@@ -71,6 +71,7 @@ class StateStore(Protocol):
     def bucket(self, name: str, per_minute: int, now: float) -> TokenBucket: ...
     def stats(self, deployment_id: str) -> DeploymentStats: ...
     def all_breakers(self) -> dict[str, CircuitBreaker]: ...
+    def all_buckets(self) -> dict[str, TokenBucket]: ...
 
 
 @dataclass
@@ -102,6 +103,9 @@ class MemoryState:
 
     def all_breakers(self) -> dict[str, CircuitBreaker]:
         return self.breakers
+
+    def all_buckets(self) -> dict[str, TokenBucket]:
+        return self.buckets
 
 
 @dataclass(slots=True)

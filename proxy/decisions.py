@@ -1,24 +1,49 @@
 """One decision record per request, and the log that writes them as JSON lines.
 
-The record is filled as the request moves through the gateway and written once, at the
-end, whatever the outcome. Writing happens off the hot path: records are queued and a
-background task serialises and writes them in batches. SIGHUP reopens the file (log
-rotation); `close` drains the queue so nothing is lost on shutdown.
+The record is filled as the request moves through the gateway and settled once, at the
+end, whatever the outcome (`Decision.settle` prices every attempt). Writing happens off
+the hot path: records are queued, and a background task serialises each batch and hands
+it to a thread for the blocking write, so a slow disk or a full stdout pipe never stalls
+the event loop. SIGHUP (`reopen`) opens the path again, so a rename-then-HUP rotation
+loses nothing; `close` drains the queue on shutdown.
+
+Billing: an attempt is billed once content came back from the upstream. Its cost uses the
+provider's own usage; without it, the cost is estimated from the request's input-token
+estimate and the length of the text that came back, and marked `cost_estimated`. A
+failure before any content is not billed.
 
 Never holds a secret: the key's name is recorded, never the key.
+Imports only config and usage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import orjson
 
-from .usage import Usage
+from .config import Price
+from .usage import Usage, cost_usd
+
+log = logging.getLogger("proxy.decisions")
+
+QUEUE_LIMIT = 100_000           # records waiting for the writer; beyond it they are counted as dropped
+_PIPE_CHUNK = 4096              # PIPE_BUF: writes this small never interleave between workers
+_FILE_CHUNK = 1 << 20
+
+
+def iso_time(epoch: float) -> str:
+    """UTC ISO-8601 with milliseconds, the `time` of every record."""
+    whole = int(epoch)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((epoch - whole) * 1000):03d}Z"
 
 
 @dataclass(slots=True)
@@ -27,24 +52,47 @@ class AttemptRecord:
     deployment: str
     provider: str
     started: float                      # monotonic seconds
+    price: Price | None = None          # the deployment's price, to bill the attempt
     failure: str | None = None          # FailureClass value, None when it served
     status: int | None = None
     message: str | None = None
     ttfb_s: float | None = None
     duration_s: float | None = None
-    usage: Usage | None = None
+    usage: Usage | None = None          # the provider's own usage, when it sent one
+    content_seen: bool = False          # content came back: the provider bills this attempt
+    output_chars: int = 0               # length of the text that came back, to estimate without usage
+    served: bool = False                # it completed the answer
     cost_usd: float = 0.0
-    served: bool = False
+    cost_estimated: bool = False
+    wasted: bool = False                # billed, but abandoned by the gateway (broken stream)
+
+    @property
+    def billed(self) -> bool:
+        return self.usage is not None or self.content_seen
+
+    def settle(self, input_tokens: int) -> None:
+        """Price this attempt once, from the provider's usage or an estimate."""
+        if not self.billed or self.price is None:
+            return
+        if self.usage is None:
+            # the router's own estimate: a token per 4 characters
+            self.usage = Usage(input_tokens=input_tokens, output_tokens=(self.output_chars + 3) >> 2)
+            self.cost_estimated = True
+        self.cost_usd = cost_usd(self.usage, self.price)
+        self.wasted = self.failure is not None
 
     def to_json(self) -> dict[str, Any]:
+        usage = self.usage
         return {
             "model": self.model, "deployment": self.deployment, "provider": self.provider,
             "failure": self.failure, "status": self.status, "message": self.message,
             "ttfb_ms": None if self.ttfb_s is None else round(self.ttfb_s * 1000, 3),
             "duration_ms": None if self.duration_s is None else round(self.duration_s * 1000, 3),
-            "input_tokens": self.usage.prompt_tokens if self.usage else None,
-            "output_tokens": self.usage.output_tokens if self.usage else None,
-            "cost_usd": round(self.cost_usd, 10),
+            "input_tokens": usage.prompt_tokens if usage else None,
+            "cached_input_tokens": usage.cached_input_tokens if usage else None,
+            "output_tokens": usage.output_tokens if usage else None,
+            "cost_usd": round(self.cost_usd, 10), "cost_estimated": self.cost_estimated,
+            "wasted": self.wasted,
         }
 
 
@@ -53,7 +101,7 @@ class Decision:
     request_id: str
     started: float                      # monotonic
     time: float = field(default_factory=time.time)
-    key: str | None = None
+    key: str | None = None              # the gateway key's name
     tier: str | None = None
     requested_model: str | None = None
     stream: bool = False
@@ -64,10 +112,10 @@ class Decision:
     candidates: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     attempts: list[AttemptRecord] = field(default_factory=list)
-    served_model: str | None = None
+    served_model: str | None = None     # the model whose answer the client got (X-Route-Model)
     served_provider: str | None = None
-    usage: Usage | None = None
-    cost_usd: float = 0.0
+    usage: Usage | None = None          # the serving attempt's usage
+    cost_usd: float = 0.0               # every billed attempt, wasted ones included
     cost_estimated: bool = False
     wasted_cost_usd: float = 0.0
     outcome: str = "ok"                 # ok | bad_request | ... | client_disconnected | stream_error
@@ -82,13 +130,29 @@ class Decision:
     def fell_back(self) -> bool:
         return len(self.attempts) > 1
 
+    def settle(self) -> None:
+        """Bill every attempt and sum them up; called once, by `Gateway.finish`."""
+        input_tokens = int((self.signals or {}).get("input_tokens") or 0)
+        total = wasted = 0.0
+        for attempt in self.attempts:
+            attempt.settle(input_tokens)
+            total += attempt.cost_usd
+            if attempt.wasted:
+                wasted += attempt.cost_usd
+            if attempt.billed:
+                self.cost_estimated = self.cost_estimated or attempt.cost_estimated
+                if attempt.model == self.served_model:
+                    self.usage = attempt.usage
+        self.cost_usd, self.wasted_cost_usd = total, wasted
+
     def to_json(self) -> dict[str, Any]:
         usage = self.usage
         return {
-            "time": round(self.time, 6), "request_id": self.request_id, "key": self.key, "tier": self.tier,
-            "requested_model": self.requested_model, "stream": self.stream, "signals": self.signals,
-            "rule": self.rule, "reason": self.reason, "chain": self.chain, "candidates": self.candidates,
-            "skipped": self.skipped, "attempts": [a.to_json() for a in self.attempts],
+            "type": "decision", "time": iso_time(self.time), "request_id": self.request_id, "key": self.key,
+            "tier": self.tier, "requested_model": self.requested_model, "stream": self.stream,
+            "signals": self.signals, "rule": self.rule, "reason": self.reason, "chain": self.chain,
+            "candidates": self.candidates, "skipped": self.skipped,
+            "attempts": [a.to_json() for a in self.attempts],
             "served_model": self.served_model, "served_provider": self.served_provider,
             "input_tokens": usage.prompt_tokens if usage else None,
             "cached_input_tokens": usage.cached_input_tokens if usage else None,
@@ -102,55 +166,141 @@ class Decision:
         }
 
 
+Record = Decision | dict[str, Any]
+
+
 class DecisionLog:
     """Queue + background writer. Destination: "stdout", "off", or a file path."""
 
     def __init__(self, destination: str) -> None:
         self.destination = destination
-        self._queue: asyncio.Queue[Decision | None] = asyncio.Queue()
-        self._file: IO[bytes] | None = None
-        self._task: asyncio.Task[None] | None = None
         self.written = 0
+        self.dropped = 0
+        self._queue: asyncio.Queue[Record | None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._fd: int | None = None
+        self._next_fd: int | None = None    # opened by `reopen`, taken up by the writer's next batch
+        self._swap = threading.Lock()       # guards `_next_fd` between the loop and the writer thread
+        self._chunk = _FILE_CHUNK
+        self._warned = False
+
+    @property
+    def is_file(self) -> bool:
+        return self.destination not in ("stdout", "off")
 
     def start(self) -> None:
-        self._open()
+        if self.destination == "off":
+            return
+        self._fd = sys.stdout.fileno() if self.destination == "stdout" else self._open()
+        if stat.S_ISFIFO(os.fstat(self._fd).st_mode):
+            self._chunk = _PIPE_CHUNK
+        self._queue = asyncio.Queue(QUEUE_LIMIT)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def _open(self) -> None:
-        if self.destination == "stdout":
-            self._file = sys.stdout.buffer
-        elif self.destination != "off":
-            self._file = open(self.destination, "ab")
+    def _open(self) -> int:
+        return os.open(self.destination, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
     def reopen(self) -> None:
-        """For log rotation: the next batch goes to a fresh file at the same path."""
-        if self._file is not None and self.destination not in ("stdout", "off"):
-            old, self._file = self._file, open(self.destination, "ab")
-            old.close()
+        """Log rotation: after the file was renamed, the next batch goes to a fresh file at the path."""
+        if not self.is_file or self._fd is None:
+            return
+        try:
+            fd = self._open()
+        except OSError as exc:
+            log.error("cannot reopen the decision log; writing on to the old file",
+                      extra={"path": self.destination, "reason": exc.strerror})
+            return
+        with self._swap:
+            unused, self._next_fd = self._next_fd, fd
+        if unused is not None:
+            os.close(unused)
 
-    def record(self, decision: Decision) -> None:
-        self._queue.put_nowait(decision)
+    def record(self, record: Record) -> None:
+        """Queue a Decision (or a feedback dict). Never blocks, never raises."""
+        queue = self._queue
+        if queue is None:
+            return
+        if self._task is None or self._task.done():
+            self._write(self._encode([record]))     # after close (a request that outlived the drain)
+            return
+        try:
+            queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    @staticmethod
+    def _encode(batch: list[Record]) -> list[bytes]:
+        return [orjson.dumps(r.to_json() if isinstance(r, Decision) else r) + b"\n" for r in batch]
 
     async def _run(self) -> None:
         queue = self._queue
+        assert queue is not None
         while True:
-            item = await queue.get()
-            batch = [item]
+            batch = [await queue.get()]
             while not queue.empty():
                 batch.append(queue.get_nowait())
-            stop = None in batch
-            lines = [orjson.dumps(d.to_json()) + b"\n" for d in batch if d is not None]
-            if lines and self._file is not None:
-                self._file.write(b"".join(lines))
-                self._file.flush()
-            self.written += len(lines)
-            if stop:
+            records = [r for r in batch if r is not None]
+            try:
+                if records:
+                    await asyncio.to_thread(self._write, self._encode(records))
+            finally:
+                for _ in batch:
+                    queue.task_done()
+            if len(records) < len(batch):
                 return
 
+    def _write(self, lines: list[bytes]) -> None:
+        """Blocking: whole lines, in writes small enough not to interleave with other workers."""
+        with self._swap:
+            fresh, self._next_fd = self._next_fd, None
+        if fresh is not None:
+            old, self._fd = self._fd, fresh
+            if old is not None:
+                os.close(old)
+        late = self._fd is None and self.is_file      # after close: open, append, close
+        try:
+            if late:
+                self._fd = self._open()
+            if self._fd is None:
+                return
+            chunk: list[bytes] = []
+            size = 0
+            for line in lines:
+                if chunk and size + len(line) > self._chunk:
+                    self._write_all(b"".join(chunk))
+                    chunk, size = [], 0
+                chunk.append(line)
+                size += len(line)
+            if chunk:
+                self._write_all(b"".join(chunk))
+            self.written += len(lines)
+        except OSError as exc:
+            self.dropped += len(lines)
+            if not self._warned:
+                self._warned = True
+                log.error("cannot write the decision log", extra={"reason": exc.strerror})
+        finally:
+            if late and self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            assert self._fd is not None
+            view = view[os.write(self._fd, view):]
+
+    async def flush(self) -> None:
+        """Wait until every queued record is written (tests, shutdown)."""
+        if self._queue is not None and self._task is not None and not self._task.done():
+            await self._queue.join()
+
     async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._queue.put_nowait(None)
+        if self._queue is not None and self._task is not None and not self._task.done():
+            await self._queue.put(None)
             await self._task
-        if self._file is not None and self.destination not in ("stdout", "off"):
-            self._file.close()
-        self._file = None
+        if self.is_file:
+            for fd in (self._fd, self._next_fd):
+                if fd is not None:
+                    os.close(fd)
+            self._fd = self._next_fd = None

@@ -23,17 +23,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
+import orjson
 
 from .balancer import Balancer, Refusal, Reservation, reservation_tokens
 from .config import Chain, Deployment, ServerSettings
 from .decisions import AttemptRecord, Decision
-from .errors import POLICY, FailureClass, GatewayError, UpstreamFailure, error_body
+from .errors import POLICY, FailureClass, GatewayError, UpstreamFailure, error_body, redact
 from .providers import Adapter
 from .router import Candidate, Plan
 from .signals import Signals
 from .sse import DONE_FRAME, SSEParser, frame
 from .transport import Transport, failure_from_exception, read_error_body
-from .usage import Usage, cost_usd
+from .usage import Usage
 
 if TYPE_CHECKING:
     from .balancer import StateStore
@@ -192,7 +193,8 @@ class Dispatcher:
                        ) -> bytes | None | UpstreamFailure | StreamBroken:
         deployment = reservation.deployment
         adapter = self.adapters[deployment.provider.api]
-        record = AttemptRecord(candidate.model.name, deployment.id, deployment.provider.name, self.clock())
+        record = AttemptRecord(candidate.model.name, deployment.id, deployment.provider.name, self.clock(),
+                               deployment.price)
         ex.decision.attempts.append(record)
         breaker = self.state.breaker(deployment.id)
         used_tokens: int | None = None
@@ -208,15 +210,15 @@ class Dispatcher:
                 body = None
             verdict = "ok"
             used_tokens = usage.total_tokens if usage else None
-            self._served(ex, candidate, deployment, record, usage)
+            self._served(ex, candidate, deployment, record, usage, body)
             return body
         except StreamBroken as broken:
             verdict = "fail"
-            self._failed(record, broken.failure)
+            self._failed(record, broken.failure, deployment)
             return broken
         except UpstreamFailure as failure:
             verdict = "fail" if POLICY[failure.kind].breaker else None
-            self._failed(record, failure)
+            self._failed(record, failure, deployment)
             if failure.kind is FailureClass.AUTH:
                 breaker.trip(self.clock(), AUTH_OPEN_S)
             elif failure.kind is FailureClass.RATE_LIMITED:
@@ -236,24 +238,23 @@ class Dispatcher:
                 breaker.release_probe()
             self.balancer.settle(reservation, used_tokens, now)
 
-    def _failed(self, record: AttemptRecord, failure: UpstreamFailure) -> None:
+    def _failed(self, record: AttemptRecord, failure: UpstreamFailure, deployment: Deployment) -> None:
+        # Upstream messages can echo what they were sent (a 401 quoting the key): scrub them
+        # here, the one place every failure passes, before they reach a record or a client.
+        failure.message = redact(failure.message, deployment.provider.api_key)
         record.failure = failure.kind.value
         record.status = failure.status
         record.message = failure.message
 
     def _served(self, ex: Exchange, candidate: Candidate, deployment: Deployment, record: AttemptRecord,
-                usage: Usage | None) -> None:
-        record.served = True
+                usage: Usage | None, body: bytes | None) -> None:
+        """Note who served; `Decision.settle` bills it at the end, estimating when usage is None."""
+        record.served = record.content_seen = True
         record.usage = usage
-        decision = ex.decision
-        decision.served_model = candidate.model.name
-        decision.served_provider = deployment.provider.name
-        if usage is None:
-            decision.cost_estimated = True
-        else:
-            record.cost_usd = cost_usd(usage, deployment.price)
-            decision.usage = usage
-            decision.cost_usd = record.cost_usd
+        if usage is None and body is not None:
+            record.output_chars = answer_chars(body)
+        ex.decision.served_model = candidate.model.name
+        ex.decision.served_provider = deployment.provider.name
         if record.ttfb_s is not None:
             self.state.stats(deployment.id).observe_ttft(record.ttfb_s)
 
@@ -286,8 +287,9 @@ class Dispatcher:
     async def _streamed(self, ex: Exchange, adapter: Adapter, candidate: Candidate, deployment: Deployment,
                         request: Any, record: AttemptRecord, client: ClientStream) -> Usage | None:
         timeouts = deployment.provider.timeouts
-        collect = ex.plan.chain_config is not None and ex.plan.chain_config.on_stream_failure == "continue"
-        translator = adapter.stream(deployment, ex.signals.include_usage, collect)
+        # The text is always collected (a list append per content event): it prices an attempt that
+        # broke before its usage arrived, and it is the prefill when a chain continues a broken stream.
+        translator = adapter.stream(deployment, ex.signals.include_usage, True)
         parser = SSEParser()
         loop = asyncio.get_running_loop()
         end_total = min(self.clock() + timeouts.total_s, ex.deadline)
@@ -312,6 +314,8 @@ class Dispatcher:
                     raise UpstreamFailure(FailureClass.PROTOCOL, "stream ended before any content")
             record.ttfb_s = self.clock() - record.started
             if not client.committed:
+                ex.decision.served_model = candidate.model.name     # what X-Route-Model tells the client
+                ex.decision.served_provider = deployment.provider.name
                 await client.commit(self.route_headers(ex, candidate, deployment))
                 ex.decision.ttft_ms = round((self.clock() - ex.decision.started) * 1000, 3)
             if pending:
@@ -347,6 +351,9 @@ class Dispatcher:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise failure_from_exception(exc, headers_received) from None
         finally:
+            record.content_seen = translator.content_seen
+            record.usage = translator.usage
+            record.output_chars = sum(map(len, translator.text))
             if response is not None:
                 if translator.finished:
                     response.release()      # complete: the connection goes back to the pool
@@ -365,6 +372,15 @@ class Dispatcher:
             await client.finish()
         except ClientGone:
             ex.decision.outcome = "client_disconnected"
+
+
+def answer_chars(body: bytes) -> int:
+    """Characters of text in an OpenAI chat.completion body: prices an answer sent without usage."""
+    try:
+        choices = orjson.loads(body).get("choices") or []
+        return sum(len(c["message"].get("content") or "") for c in choices if isinstance(c.get("message"), dict))
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
+        return 0
 
 
 def final_error(attempts: list[AttemptRecord], caller: UpstreamFailure | None,

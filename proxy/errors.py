@@ -11,6 +11,7 @@ Imports nothing from the package.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,19 @@ POLICY: dict[FailureClass, Policy] = {
     FailureClass.CONNECT: Policy(fallback=True, retry_same=True, breaker=True),
     FailureClass.PROTOCOL: Policy(fallback=True, retry_same=False, breaker=True),
 }
+
+
+# Credential shapes providers are known to echo: OpenAI/Anthropic style `sk-...`, Google `AIza...`,
+# and any bearer token. Exact occurrences of the configured key are removed first.
+_CREDENTIAL = re.compile(r"(?i)\b(?:sk|pk|rk)-[A-Za-z0-9_\-]{8,}|\bAIza[0-9A-Za-z_\-]{20,}|\bbearer\s+[^\s\"',]+")
+REDACTED = "[redacted]"
+
+
+def redact(message: str, secret: str | None) -> str:
+    """`message` without the provider key or anything shaped like a credential."""
+    if secret and secret in message:
+        message = message.replace(secret, REDACTED)
+    return _CREDENTIAL.sub(REDACTED, message)
 
 
 @dataclass(slots=True)

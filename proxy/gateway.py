@@ -15,13 +15,14 @@ import hmac
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from . import config as config_module
 from .balancer import MemoryState, StateStore
 from .config import Config, GatewayKey
-from .decisions import Decision, DecisionLog
+from .decisions import Decision, DecisionLog, iso_time
 from .dispatch import Dispatcher
 from .errors import GatewayError, forbidden, unauthorized
 from .metrics import Metrics
@@ -30,6 +31,18 @@ from .router import Router
 from .transport import Transport
 
 log = logging.getLogger("proxy.gateway")
+
+RECENT_REQUESTS = 100_000       # how many finished requests can still receive feedback
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What feedback on a finished request is recorded against."""
+
+    tier: str | None
+    model: str | None
+    rule: str | None
+    key: str | None             # the key's name: only the same key may score the request
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +85,7 @@ class Gateway:
         self.adapters = adapters or registry()
         self.decisions = DecisionLog(config.server.decision_log)
         self.metrics = Metrics(self)
+        self.recent: OrderedDict[str, Served] = OrderedDict()
         self.snapshot = self._build(config)
         self.ready = False
         self.draining = False           # SIGTERM seen: /readyz answers 503
@@ -81,6 +95,7 @@ class Gateway:
 
     def _build(self, config: Config) -> Snapshot:
         dispatcher = Dispatcher(self.adapters, self.transport, self.state, config.server, clock=self.clock)
+        self.metrics.configure(config)
         return Snapshot(config, Router(config), dispatcher)
 
     async def start(self) -> None:
@@ -129,7 +144,37 @@ class Gateway:
         return True
 
     def finish(self, decision: Decision) -> None:
-        """The single exit of every request: one decision record, one metrics update."""
-        decision.duration_ms = round((self.clock() - decision.started) * 1000, 3)
-        self.decisions.record(decision)
-        self.metrics.observe(decision)
+        """The single exit of every request: one decision record, one metrics update. Never raises."""
+        try:
+            decision.duration_ms = round((self.clock() - decision.started) * 1000, 3)
+            if decision.outcome == "client_disconnected":
+                for attempt in decision.attempts:
+                    if attempt.failure is None and not attempt.served:
+                        attempt.failure = "client_disconnected"
+            decision.settle()
+            self.decisions.record(decision)
+            self.metrics.observe(decision)
+            self._remember(decision)
+        except Exception:
+            log.exception("could not record a decision", extra={"request_id": decision.request_id})
+
+    def _remember(self, decision: Decision) -> None:
+        recent = self.recent
+        recent[decision.request_id] = Served(decision.tier, decision.served_model, decision.rule, decision.key)
+        recent.move_to_end(decision.request_id)
+        while len(recent) > RECENT_REQUESTS:
+            recent.popitem(last=False)
+
+    def feedback(self, request_id: str, score: float, key: GatewayKey | None) -> Served:
+        """Record a quality score against a finished request's tier, model and rule; 404 if unknown."""
+        served = self.recent.get(request_id)
+        if served is None or (key is not None and served.key != key.name):
+            raise GatewayError(404, f"no recent request with id '{request_id}'", "invalid_request_error",
+                               "request_not_found", "request_id", outcome="not_found")
+        self.decisions.record({
+            "type": "feedback", "time": iso_time(time.time()), "request_id": request_id, "score": score,
+            "tier": served.tier, "model": served.model, "rule": served.rule,
+            "key": key.name if key is not None else None,
+        })
+        self.metrics.observe_feedback(served, score)
+        return served

@@ -7,6 +7,8 @@ whatever happens: answered, refused, failed upstream or abandoned by the client.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import re
 import time
 import uuid
@@ -27,7 +29,10 @@ from .router import Plan
 from .signals import Signals, extract
 from .sse import frame
 
+log = logging.getLogger("proxy.handlers")
 GATEWAY = web.AppKey("gateway", Gateway)
+FEEDBACK_MAX_BYTES = 16 * 1024
+CLIENT_CLOSED = 499             # the status recorded when the client left before any answer
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -94,6 +99,11 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 30.
     except TimeoutError:
         raise GatewayError(408, f"the request body did not arrive within {timeout_s:g}s", "invalid_request_error",
                            "request_timeout", outcome="bad_request") from None
+    except (aiohttp.ClientPayloadError, aiohttp.http_exceptions.HttpProcessingError, ConnectionError) as exc:
+        if request.transport is None or request.transport.is_closing():
+            raise ClientGone() from exc
+        raise bad_request("the request body could not be read (malformed transfer encoding)",
+                          code="invalid_body") from None
     raw = b"".join(chunks)
     if not raw:
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
@@ -192,14 +202,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
         return error_response(err, _answer_headers(decision))
     except ClientGone:
-        decision.outcome = "client_disconnected"
+        _client_left(decision, writer)
         return writer.response if writer is not None and writer.response is not None else web.Response()
     except asyncio.CancelledError:
         if not gateway.cut_off:
-            decision.outcome = "client_disconnected"
+            _client_left(decision, writer)
             raise
         task.uncancel()                         # our own drain deadline, not the client: answer it
         return await _cut_off(writer, decision)
+    except Exception:
+        if writer is not None and writer.response is not None:     # the status line is gone already
+            log.exception("unhandled error in a committed stream", extra={"request_id": decision.request_id})
+            decision.outcome, decision.error = "internal_error", "internal gateway error"
+            return writer.response
+        log.exception("unhandled error", extra={"request_id": decision.request_id})
+        err = GatewayError(500, "internal gateway error", "server_error", "internal_error", outcome="internal_error")
+        decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
+        return error_response(err, _answer_headers(decision))
     finally:
         gateway.in_flight.discard(task)
         if decision.outcome == "ok" and decision.served_model is None:
@@ -225,6 +244,12 @@ async def _cut_off(writer: SSEWriter | None, decision: Decision) -> web.StreamRe
     return writer.response
 
 
+def _client_left(decision: Decision, writer: SSEWriter | None) -> None:
+    decision.outcome = "client_disconnected"
+    if writer is None or not writer.committed:
+        decision.status = CLIENT_CLOSED
+
+
 async def route(request: web.Request) -> web.Response:
     """Dry run: the decision a chat request would get, calling no upstream."""
     gateway = request.app[GATEWAY]
@@ -234,6 +259,34 @@ async def route(request: web.Request) -> web.Response:
     except GatewayError as err:
         return error_response(err, {"X-Request-Id": decision.request_id})
     return json_response(route_view(plan, decision), headers={"X-Request-Id": decision.request_id})
+
+
+def feedback_fields(body: Any) -> tuple[str, float]:
+    """`{"request_id": str, "score": 0.0-1.0}` -> (request_id, score); 400 naming the bad field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    rid = body.get("request_id")
+    if not isinstance(rid, str) or not rid:
+        raise bad_request("'request_id' must be a non-empty string", "request_id")
+    score = body.get("score")
+    if type(score) not in (int, float) or not math.isfinite(score) or not 0.0 <= score <= 1.0:
+        raise bad_request("'score' must be a number from 0.0 to 1.0", "score")
+    return rid, float(score)
+
+
+async def feedback(request: web.Request) -> web.Response:
+    """A quality score for a recent request, recorded against its tier, model and rule."""
+    gateway = request.app[GATEWAY]
+    snapshot = gateway.snapshot
+    try:
+        key = snapshot.authenticate(request.headers.get("Authorization"))
+        rid, score = feedback_fields(await read_json(request, FEEDBACK_MAX_BYTES))
+        gateway.feedback(rid, score, key)
+    except GatewayError as err:
+        return error_response(err, {})
+    except ClientGone:
+        return web.Response(status=CLIENT_CLOSED)
+    return json_response({"object": "feedback", "request_id": rid, "score": score})
 
 
 async def models(request: web.Request) -> web.Response:
