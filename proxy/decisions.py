@@ -35,6 +35,7 @@ from .usage import Usage, cost_usd
 
 log = logging.getLogger("proxy.decisions")
 
+CLIENT_DISCONNECTED = "client_disconnected"     # an outcome, and the failure of the attempt it cut short
 QUEUE_LIMIT = 100_000           # records waiting for the writer; beyond it they are counted as dropped
 _PIPE_CHUNK = 4096              # PIPE_BUF: writes this small never interleave between workers
 _FILE_CHUNK = 1 << 20
@@ -79,7 +80,7 @@ class AttemptRecord:
             self.usage = Usage(input_tokens=input_tokens, output_tokens=(self.output_chars + 3) >> 2)
             self.cost_estimated = True
         self.cost_usd = cost_usd(self.usage, self.price)
-        self.wasted = self.failure is not None
+        self.wasted = self.failure is not None and self.failure != CLIENT_DISCONNECTED   # the client chose to leave
 
     def to_json(self) -> dict[str, Any]:
         usage = self.usage

@@ -27,7 +27,7 @@ import orjson
 
 from .balancer import Balancer, Refusal, Reservation, reservation_tokens
 from .config import Chain, Deployment, ServerSettings
-from .decisions import AttemptRecord, Decision
+from .decisions import CLIENT_DISCONNECTED, AttemptRecord, Decision
 from .errors import POLICY, FailureClass, GatewayError, UpstreamFailure, error_body, redact
 from .providers import Adapter
 from .router import Candidate, Plan
@@ -371,7 +371,7 @@ class Dispatcher:
                                                 f"stream_{failure.kind.value}")))
             await client.finish()
         except ClientGone:
-            ex.decision.outcome = "client_disconnected"
+            ex.decision.outcome = CLIENT_DISCONNECTED
 
 
 def answer_chars(body: bytes) -> int:

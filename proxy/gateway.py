@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from . import config as config_module
 from .balancer import MemoryState, StateStore
 from .config import Config, GatewayKey
-from .decisions import Decision, DecisionLog, iso_time
+from .decisions import CLIENT_DISCONNECTED, Decision, DecisionLog, iso_time
 from .dispatch import Dispatcher
 from .errors import GatewayError, forbidden, unauthorized
 from .metrics import Metrics
@@ -147,10 +147,10 @@ class Gateway:
         """The single exit of every request: one decision record, one metrics update. Never raises."""
         try:
             decision.duration_ms = round((self.clock() - decision.started) * 1000, 3)
-            if decision.outcome == "client_disconnected":
+            if decision.outcome == CLIENT_DISCONNECTED:
                 for attempt in decision.attempts:
                     if attempt.failure is None and not attempt.served:
-                        attempt.failure = "client_disconnected"
+                        attempt.failure = CLIENT_DISCONNECTED
             decision.settle()
             self.decisions.record(decision)
             self.metrics.observe(decision)

@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from .config import GatewayKey
-from .decisions import Decision
+from .decisions import CLIENT_DISCONNECTED, Decision
 from .dispatch import ClientGone, Exchange
 from .errors import GatewayError, bad_request, error_body
 from .gateway import Gateway, Snapshot
@@ -133,6 +133,10 @@ def decide(snapshot: Snapshot, key: GatewayKey | None, headers: Mapping[str, str
     started = time.perf_counter()
     try:
         plan = snapshot.router.plan(signals, body["model"])
+    except GatewayError as err:
+        if isinstance(err.detail, Plan):        # no_candidate: the record says why each was skipped
+            _note_plan(decision, err.detail)
+        raise
     finally:
         decision.routing_us = round((time.perf_counter() - started) * 1e6, 2)
         decision.signals = {
@@ -141,10 +145,14 @@ def decide(snapshot: Snapshot, key: GatewayKey | None, headers: Mapping[str, str
             "tools": signals.tools, "images": signals.images, "region": signals.region,
             "max_cost_usd": signals.max_cost_usd,
         }
+    _note_plan(decision, plan)
+    return signals, plan
+
+
+def _note_plan(decision: Decision, plan: Plan) -> None:
     decision.rule, decision.reason, decision.chain = plan.rule, plan.reason, plan.chain
     decision.candidates = [c.model.name for c in plan.candidates]
     decision.skipped = [{"model": s.model, "reason": s.reason} for s in plan.skipped]
-    return signals, plan
 
 
 def route_view(plan: Plan, decision: Decision) -> dict[str, Any]:
@@ -245,7 +253,7 @@ async def _cut_off(writer: SSEWriter | None, decision: Decision) -> web.StreamRe
 
 
 def _client_left(decision: Decision, writer: SSEWriter | None) -> None:
-    decision.outcome = "client_disconnected"
+    decision.outcome = CLIENT_DISCONNECTED
     if writer is None or not writer.committed:
         decision.status = CLIENT_CLOSED
 

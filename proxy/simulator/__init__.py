@@ -12,7 +12,10 @@ something here is applied; other parts are ignored, so `gpt-5-mini` is a healthy
              event mid-stream), nodone (no terminal event), cut<k> (socket closed after k
              tokens), stall<k> (silence after k tokens)
   caller     ctx (400 context_length_exceeded), policy (400 content policy)
-  usage      cache<k> (k prompt tokens reported as cached)
+  usage      cache<k> (k prompt tokens reported as cached), nousage (no usage reported at all)
+
+A 401 echoes the credential it was sent in its message, as some providers do, so tests
+can prove the gateway never passes a provider key on.
 
 A fault can also be set at run time with POST /_sim/faults {"model": m, "fault": f}
 (`"fault": null` clears it), which the breaker sequence test and `llm-proxy chaos` use.
@@ -55,6 +58,7 @@ class Behaviour:
     stall_after: int | None = None
     caller: str | None = None           # "ctx" | "policy"
     cached: int = 0
+    usage: bool = True                  # report usage (`nousage` turns it off)
 
 
 def parse_behaviour(model: str, default: Behaviour) -> Behaviour:
@@ -84,6 +88,8 @@ def parse_behaviour(model: str, default: Behaviour) -> Behaviour:
                 values["reset"], values["once"] = True, True
             elif p in ("reset", "hang", "inband", "garbage", "nodone"):
                 values[p] = True
+            elif p == "nousage":
+                values["usage"] = False
             elif p in ("ctx", "policy"):
                 values["caller"] = p
         except ValueError:
@@ -115,6 +121,7 @@ class Reply:
     cached_tokens: int
     tool_name: str | None = None
     stop_sequence: str | None = None    # the stop sequence that ended the text, if one did
+    usage: bool = True                  # whether the wire reports usage
 
     @property
     def completion_tokens(self) -> int:
@@ -133,7 +140,7 @@ def make_reply(ask: Ask, behaviour: Behaviour) -> Reply:
     prompt_tokens = max(1, len(ask.prompt_text) // 4) + behaviour.cached
     if ask.tools and not ask.tool_choice_none:
         args = ['{"location"', ': "Paris', '", "unit": "c"}']
-        return Reply(args, "tool_calls", prompt_tokens, behaviour.cached, ask.tools[0])
+        return Reply(args, "tool_calls", prompt_tokens, behaviour.cached, ask.tools[0], usage=behaviour.usage)
     pieces = canonical_text(behaviour.tokens)
     if ask.json_output:
         words = "".join(pieces).strip().replace('"', "")
@@ -167,7 +174,7 @@ def make_reply(ask: Ask, behaviour: Behaviour) -> Reply:
         pieces = out
     if ask.max_tokens is not None and len(pieces) > ask.max_tokens:
         pieces, finish = pieces[:ask.max_tokens], "length"
-    return Reply(pieces, finish, prompt_tokens, behaviour.cached, stop_sequence=stopped_by)
+    return Reply(pieces, finish, prompt_tokens, behaviour.cached, stop_sequence=stopped_by, usage=behaviour.usage)
 
 
 @dataclass(slots=True)
@@ -273,7 +280,7 @@ class Simulator:
                 request.transport.close()
                 return web.Response(status=500)
             if behaviour.status is not None and failing:
-                return self._error(wire, behaviour)
+                return self._error(wire, behaviour, request)
             if behaviour.caller is not None:
                 kind = "context_length_exceeded" if behaviour.caller == "ctx" else "content_policy"
                 message = ("This model's maximum context length is 1000 tokens" if kind == "context_length_exceeded"
@@ -290,14 +297,18 @@ class Simulator:
             seen.disconnected_at = time.monotonic()
             raise
 
-    def _error(self, wire: Wire, behaviour: Behaviour) -> web.Response:
+    def _error(self, wire: Wire, behaviour: Behaviour, request: web.Request) -> web.Response:
         status = behaviour.status or 500
         kind = {429: "rate_limit", 401: "auth", 503: "overloaded", 529: "overloaded"}.get(status, "server")
         headers = {}
         if status == 429 or behaviour.retry_after is not None:
             headers["Retry-After"] = f"{behaviour.retry_after if behaviour.retry_after is not None else 1:g}"
-        return web.json_response(wire.error_body(status, kind, f"simulated {status}"), status=status,
-                                 headers=headers)
+        message = f"simulated {status}"
+        if status == 401:       # like providers that quote the key they were sent
+            sent = [v for k, v in request.headers.items() if k.lower() in ("authorization", "x-api-key",
+                                                                           "x-goog-api-key", "api-key")]
+            message = f"Incorrect API key provided: {' '.join(sent) or request.query.get('key', '')}"
+        return web.json_response(wire.error_body(status, kind, message), status=status, headers=headers)
 
     async def _stream(self, request: web.Request, wire: Wire, ask: Ask, reply: Reply, behaviour: Behaviour,
                       seen: Seen) -> web.StreamResponse:

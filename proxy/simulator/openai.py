@@ -64,10 +64,12 @@ class OpenAIWire:
                                       "function": {"name": reply.tool_name, "arguments": reply.text}}]
         else:
             message["content"] = reply.text
-        return {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion", "created": int(time.time()),
-                "model": ask.model, "system_fingerprint": "fp_sim",
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish}],
-                "usage": self._usage(reply)}
+        out = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion", "created": int(time.time()),
+               "model": ask.model, "system_fingerprint": "fp_sim",
+               "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reply.finish}]}
+        if reply.usage:
+            out["usage"] = self._usage(reply)
+        return out
 
     def frames(self, ask: Ask, reply: Reply) -> Frames:
         base = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "object": "chat.completion.chunk",
@@ -87,7 +89,7 @@ class OpenAIWire:
         else:
             body = [chunk({"content": p}) for p in reply.pieces]
         tail = [chunk({}, reply.finish)]
-        if ask.include_usage:
+        if ask.include_usage and reply.usage:
             tail.append(b"data: " + orjson.dumps({**base, "choices": [], "usage": self._usage(reply)}) + b"\n\n")
         return Frames(head, body, tail, [b"data: [DONE]\n\n"])
 

@@ -1,0 +1,258 @@
+"""`llm-proxy report`: weekly cost, fallback rate, quality and latency from decision logs.
+
+Reads the JSON lines the decision log writes (files, or standard input when none are
+given), joins feedback records to their requests by `request_id`, and summarises each
+ISO week (UTC) overall and per tier, per served model and per rule:
+
+  requests       decision records in the group
+  avg_cost_usd   cost_usd summed (wasted attempts included) / requests
+  fallback_rate  requests with more than one attempt / requests that reached an upstream
+  quality        mean feedback score (every feedback record counts), with their number
+  p50/p99        duration_ms and ttft_ms of requests that ended ok (nearest-rank percentiles)
+
+Lines that are not records (log noise, a torn last line) are skipped and counted.
+Imports nothing from the package but the decision record's field names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import orjson
+
+DIMENSIONS = ("tier", "model", "rule")
+_SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_since(text: str, now: float) -> float:
+    """'7d', '12h', '2w' (before now) or an ISO date/time (UTC) -> epoch seconds."""
+    match = _SINCE.match(text.strip())
+    if match:
+        return now - float(match.group(1)) * _UNIT_S[match.group(2)]
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--since takes 7d, 12h, 2w or an ISO date, not '{text}'") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
+
+
+def record_time(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            when = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+    return None
+
+
+def iso_week(epoch: float) -> str:
+    year, week, _ = dt.datetime.fromtimestamp(epoch, dt.UTC).isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile: the smallest value with at least p% of the values at or below it."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+@dataclass
+class Group:
+    requests: int = 0
+    cost_usd: float = 0.0
+    wasted_cost_usd: float = 0.0
+    routed: int = 0                 # reached at least one upstream attempt
+    fell_back: int = 0
+    ok: int = 0
+    scores: list[float] = field(default_factory=list)
+    durations: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.requests += 1
+        self.cost_usd += float(record.get("cost_usd") or 0.0)
+        self.wasted_cost_usd += float(record.get("wasted_cost_usd") or 0.0)
+        attempts = len(record.get("attempts") or ())
+        self.routed += attempts > 0
+        self.fell_back += attempts > 1
+        if record.get("outcome") == "ok":
+            self.ok += 1
+            if isinstance(record.get("duration_ms"), (int, float)):
+                self.durations.append(float(record["duration_ms"]))
+            if isinstance(record.get("ttft_ms"), (int, float)):
+                self.ttfts.append(float(record["ttft_ms"]))
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "ok": self.ok,
+            "cost_usd": self.cost_usd,
+            "wasted_cost_usd": self.wasted_cost_usd,
+            "avg_cost_usd": self.cost_usd / self.requests if self.requests else None,
+            "fallback_rate": self.fell_back / self.routed if self.routed else None,
+            "quality": sum(self.scores) / len(self.scores) if self.scores else None,
+            "feedback": len(self.scores),
+            "latency_p50_ms": percentile(self.durations, 50),
+            "latency_p99_ms": percentile(self.durations, 99),
+            "ttft_p50_ms": percentile(self.ttfts, 50),
+            "ttft_p99_ms": percentile(self.ttfts, 99),
+        }
+
+
+@dataclass
+class Week:
+    overall: Group = field(default_factory=Group)
+    by: dict[str, dict[str, Group]] = field(default_factory=lambda: {d: {} for d in DIMENSIONS})
+
+    def groups(self, labels: dict[str, str]) -> Iterator[Group]:
+        yield self.overall
+        for dimension in DIMENSIONS:
+            yield self.by[dimension].setdefault(labels[dimension], Group())
+
+
+def _labels(record: dict[str, Any], model_field: str) -> dict[str, str]:
+    return {"tier": str(record.get("tier") or "none"), "model": str(record.get(model_field) or "none"),
+            "rule": str(record.get("rule") or "none")}
+
+
+def read_records(streams: Iterable[IO[bytes]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """(decisions, feedback, skipped lines) from JSON-lines streams."""
+    decisions: list[dict[str, Any]] = []
+    feedback: list[dict[str, Any]] = []
+    skipped = 0
+    for stream in streams:
+        for line in stream:
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                skipped += 1
+                continue
+            kind = record.get("type", "decision") if isinstance(record, dict) else None
+            if kind == "decision" and "request_id" in record and "outcome" in record:
+                decisions.append(record)
+            elif kind == "feedback" and "request_id" in record and isinstance(record.get("score"), (int, float)):
+                feedback.append(record)
+            else:
+                skipped += 1
+    return decisions, feedback, skipped
+
+
+def summarise(decisions: list[dict[str, Any]], feedback: list[dict[str, Any]], since: float | None = None
+              ) -> dict[str, Any]:
+    weeks: dict[str, Week] = {}
+    joined: dict[str, tuple[str, dict[str, str]]] = {}      # request_id -> (week, labels)
+    for record in decisions:
+        when = record_time(record.get("time"))
+        if when is None or (since is not None and when < since):
+            continue
+        week, labels = iso_week(when), _labels(record, "served_model")
+        joined[str(record["request_id"])] = (week, labels)
+        for group in weeks.setdefault(week, Week()).groups(labels):
+            group.add(record)
+    for item in feedback:
+        found = joined.get(str(item["request_id"]))
+        if found is None:                   # its request is outside these logs: use the feedback's own fields
+            when = record_time(item.get("time"))
+            if when is None or (since is not None and when < since):
+                continue
+            found = (iso_week(when), _labels(item, "model"))
+        week, labels = found
+        for group in weeks.setdefault(week, Week()).groups(labels):
+            group.scores.append(float(item["score"]))
+    return {"weeks": [
+        {"week": name, "all": w.overall.summary(),
+         **{d: {k: g.summary() for k, g in sorted(w.by[d].items())} for d in DIMENSIONS}}
+        for name, w in sorted(weeks.items())
+    ]}
+
+
+# ------------------------------------------------------------------ the terminal table
+
+COLUMNS = ("requests", "avg cost $", "fallback", "quality (n)", "p50 ms", "p99 ms", "ttft p50", "ttft p99")
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def row_cells(s: dict[str, Any]) -> list[str]:
+    return [
+        str(s["requests"]),
+        _num(s["avg_cost_usd"], 6),
+        "-" if s["fallback_rate"] is None else f"{s['fallback_rate'] * 100:.1f}%",
+        "-" if s["quality"] is None else f"{s['quality']:.3f} ({s['feedback']})",
+        _num(s["latency_p50_ms"]), _num(s["latency_p99_ms"]), _num(s["ttft_p50_ms"]), _num(s["ttft_p99_ms"]),
+    ]
+
+
+def _line(values: list[str], widths: list[int]) -> str:
+    return "  ".join(v.ljust(widths[0]) if i == 0 else v.rjust(widths[i]) for i, v in enumerate(values))
+
+
+def render_table(report: dict[str, Any]) -> str:
+    if not report["weeks"]:
+        return "no decision records\n"
+    out: list[str] = []
+    for week in report["weeks"]:
+        rows = [("all", week["all"])] + [(f"{d} {k}", s) for d in DIMENSIONS for k, s in week[d].items()]
+        cells = [[name, *row_cells(s)] for name, s in rows]
+        header = [f"week {week['week']}", *COLUMNS]
+        widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
+        rule = ["-" * w for w in widths]
+        out += [_line(header, widths), _line(rule, widths), *(_line(c, widths) for c in cells), ""]
+    return "\n".join(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    since = args.since
+    streams: list[IO[bytes]] = []
+    try:
+        if args.logs:
+            for path in args.logs:
+                streams.append(sys.stdin.buffer if path == "-" else open(path, "rb"))
+        else:
+            streams.append(sys.stdin.buffer)
+    except OSError as exc:
+        print(f"error: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        decisions, feedback, skipped = read_records(streams)
+    finally:
+        for stream in streams:
+            if stream is not sys.stdin.buffer:
+                stream.close()
+    report = summarise(decisions, feedback, since)
+    report["skipped_lines"] = skipped
+    if args.json:
+        sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(render_table(report))
+        if skipped:
+            print(f"({skipped} lines were not decision or feedback records and were skipped)", file=sys.stderr)
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("logs", nargs="*", metavar="LOG", help="decision log files (default: standard input)")
+    parser.add_argument("--since", type=lambda text: parse_since(text, time.time()),
+                        help="only records newer than this: 7d, 12h, 2w, or an ISO date (UTC)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=run)
