@@ -1,0 +1,168 @@
+"""Secrets never leave: a real `python -m proxy serve` process, its whole output captured.
+
+The provider key and the gateway key are planted in the environment; the simulator's 401
+quotes the key it was sent, as real providers do. Neither string may appear in the
+decision log, the process's stdout or stderr, /metrics, or any response body or header.
+The same process proves SIGHUP log rotation and the drain on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from conftest import ROOT, Fleet, model_entry, write_config
+from decision_log_support import decisions_in
+
+PROVIDER_SECRET = "sk-live-PROVIDERsecret-9a8b7c6d5e4f"
+GATEWAY_SECRET = "gwk-GATEWAYsecret-1122334455"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def served(providers: Path, routes: Path, env: dict[str, str]) -> AsyncIterator[tuple[str, subprocess.Popen]]:
+    """`python -m proxy serve` on a free port; SIGTERM on exit (the caller reads the output)."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--providers", str(providers), "--routes", str(routes),
+         "--port", str(port)],
+        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        async with aiohttp.ClientSession() as s:
+            while True:
+                assert process.poll() is None, process.communicate()
+                try:
+                    async with s.get(url + "/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "the gateway did not become ready"
+                await asyncio.sleep(0.05)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+
+
+async def _stop(process: subprocess.Popen) -> tuple[str, str]:
+    process.send_signal(signal.SIGTERM)
+    out, err = await asyncio.to_thread(process.communicate, timeout=20)
+    assert process.returncode == 0, err
+    return out.decode(), err.decode()
+
+
+def _config(tmp_path: Path, fleet: Fleet, decision_log: str) -> tuple[Path, Path]:
+    models = {"good": model_entry("good-n6"), "authfail": model_entry("authfail-401"),
+              "cut": model_entry("cut-cut2"), "down": model_entry("down-500")}
+    routes = {"chains": {"main": ["good"], "bad-auth": ["authfail"]}, "default": "main",
+              "keys": [{"name": "app", "key_env": "TEST_GATEWAY_SECRET", "tier": "standard"}],
+              "server": {"decision_log": decision_log}}
+    return write_config(tmp_path, fleet, models, routes)
+
+
+async def test_neither_key_appears_in_log_output_metrics_or_answers(fleet: Fleet, tmp_path: Path) -> None:
+    providers, routes = _config(tmp_path, fleet, "stdout")
+    env = {"SIM_PROVIDER_KEY": PROVIDER_SECRET, "TEST_GATEWAY_SECRET": GATEWAY_SECRET}
+    seen: list[bytes] = []          # every response body and header block the clients got
+    auth = {"Authorization": f"Bearer {GATEWAY_SECRET}"}
+    chat = [
+        ({"model": "good", "messages": [{"role": "user", "content": "hi"}]}, auth, 200),
+        ({"model": "good", "stream": True, "messages": [{"role": "user", "content": "hi"}]}, auth, 200),
+        ({"model": "authfail", "messages": [{"role": "user", "content": "hi"}]}, auth, 502),
+        ({"model": "bad-auth", "stream": True, "messages": [{"role": "user", "content": "hi"}]}, auth, 502),
+        ({"model": "cut", "stream": True, "messages": [{"role": "user", "content": "hi"}]}, auth, 200),
+        ({"model": "down", "messages": [{"role": "user", "content": "hi"}]}, auth, 502),
+        ({"model": "good", "messages": [{"role": "user", "content": "hi"}]}, {}, 401),
+        ({"model": "good", "messages": [{"role": "user", "content": "hi"}]},
+         {"Authorization": f"Bearer {PROVIDER_SECRET}"}, 401),        # a client sending the provider key
+        ({"model": "good", "messages": [{"role": "user", "content": "hi"}]},
+         {"Authorization": f"Basic {GATEWAY_SECRET}"}, 401),
+        ({"model": "good", "messages": "not a list"}, auth, 400),
+    ]
+
+    async def keep(response: aiohttp.ClientResponse) -> bytes:
+        body = await response.read()
+        seen.append(body)
+        seen.append("\n".join(f"{k}: {v}" for k, v in response.headers.items()).encode())
+        return body
+
+    async with served(providers, routes, env) as (url, process):
+        async with aiohttp.ClientSession() as s:
+            ids = []
+            for body, headers, status in chat:
+                async with s.post(url + "/v1/chat/completions", json=body, headers=headers) as r:
+                    await keep(r)
+                    assert r.status == status, (body, await r.text())
+                    ids.append(r.headers["X-Request-Id"])
+            async with s.post(url + "/v1/feedback", json={"request_id": ids[0], "score": 1}, headers=auth) as r:
+                await keep(r)
+                assert r.status == 200
+            async with s.post(url + "/v1/feedback", data=b"{", headers=auth) as r:
+                await keep(r)
+                assert r.status == 400
+            async with s.post(url + "/v1/route", json=chat[0][0], headers=auth) as r:
+                await keep(r)
+            async with s.get(url + "/metrics") as r:
+                metrics = await keep(r)
+                assert b"llm_proxy_requests_total" in metrics
+        out, err = await _stop(process)
+
+    # The keys were really in play: the provider key reached the simulator, whose 401 quoted it.
+    assert any(x.headers.get("Authorization") == f"Bearer {PROVIDER_SECRET}" for x in fleet.sim.seen)
+    records = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
+    decisions = [r for r in records if r.get("type") == "decision"]
+    assert len(decisions) == len(chat), "every request left a record on stdout"
+    assert any("[redacted]" in (a["message"] or "") for d in decisions for a in d["attempts"])
+    assert any(b"[redacted]" in body for body in seen), "the 502 lists the attempt with the key scrubbed"
+
+    for secret in (PROVIDER_SECRET, GATEWAY_SECRET):
+        assert secret not in out, f"{secret} on stdout"
+        assert secret not in err, f"{secret} on stderr"
+        for blob in seen:
+            assert secret.encode() not in blob, f"{secret} in an answer: {blob[:300]!r}"
+
+
+async def test_sighup_reopens_the_log_and_sigterm_loses_nothing(fleet: Fleet, tmp_path: Path) -> None:
+    log = tmp_path / "decisions.jsonl"
+    providers, routes = _config(tmp_path, fleet, str(log))
+    env = {"SIM_PROVIDER_KEY": PROVIDER_SECRET, "TEST_GATEWAY_SECRET": GATEWAY_SECRET}
+    auth = {"Authorization": f"Bearer {GATEWAY_SECRET}"}
+    body: dict[str, Any] = {"model": "good", "messages": [{"role": "user", "content": "hi"}]}
+    rotated = tmp_path / "decisions.jsonl.1"
+    async with served(providers, routes, env) as (url, process):
+        async with aiohttp.ClientSession() as s:
+            async def send(rid: str) -> None:
+                async with s.post(url + "/v1/chat/completions", json=body, headers={**auth, "X-Request-Id": rid}) as r:
+                    assert r.status == 200
+            for i in range(3):
+                await send(f"before-{i}")
+            deadline = time.monotonic() + 5
+            while len(decisions_in(log)) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            os.rename(log, rotated)
+            process.send_signal(signal.SIGHUP)
+            while not log.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            await asyncio.gather(*(send(f"after-{i}") for i in range(12)))
+        await _stop(process)            # SIGTERM right away: the queue must drain before exit
+    assert sorted(r["request_id"] for r in decisions_in(rotated)) == [f"before-{i}" for i in range(3)]
+    assert sorted(r["request_id"] for r in decisions_in(log)) == sorted(f"after-{i}" for i in range(12))
