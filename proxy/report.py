@@ -75,8 +75,8 @@ def percentile(values: list[float], p: float) -> float | None:
 @dataclass
 class Group:
     requests: int = 0
-    cost_usd: float = 0.0
-    wasted_cost_usd: float = 0.0
+    costs: list[float] = field(default_factory=list)
+    wasted: list[float] = field(default_factory=list)
     routed: int = 0                 # reached at least one upstream attempt
     fell_back: int = 0
     ok: int = 0
@@ -86,8 +86,8 @@ class Group:
 
     def add(self, record: dict[str, Any]) -> None:
         self.requests += 1
-        self.cost_usd += float(record.get("cost_usd") or 0.0)
-        self.wasted_cost_usd += float(record.get("wasted_cost_usd") or 0.0)
+        self.costs.append(float(record.get("cost_usd") or 0.0))
+        self.wasted.append(float(record.get("wasted_cost_usd") or 0.0))
         attempts = len(record.get("attempts") or ())
         self.routed += attempts > 0
         self.fell_back += attempts > 1
@@ -99,14 +99,16 @@ class Group:
                 self.ttfts.append(float(record["ttft_ms"]))
 
     def summary(self) -> dict[str, Any]:
+        # fsum: exactly rounded, so the figures do not depend on the order of the lines
+        cost = math.fsum(self.costs)
         return {
             "requests": self.requests,
             "ok": self.ok,
-            "cost_usd": self.cost_usd,
-            "wasted_cost_usd": self.wasted_cost_usd,
-            "avg_cost_usd": self.cost_usd / self.requests if self.requests else None,
+            "cost_usd": cost,
+            "wasted_cost_usd": math.fsum(self.wasted),
+            "avg_cost_usd": cost / self.requests if self.requests else None,
             "fallback_rate": self.fell_back / self.routed if self.routed else None,
-            "quality": sum(self.scores) / len(self.scores) if self.scores else None,
+            "quality": math.fsum(self.scores) / len(self.scores) if self.scores else None,
             "feedback": len(self.scores),
             "latency_p50_ms": percentile(self.durations, 50),
             "latency_p99_ms": percentile(self.durations, 99),
