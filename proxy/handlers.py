@@ -164,8 +164,8 @@ async def _read_and_decide(request: web.Request, snapshot: Snapshot, decision: D
                            admit: Callable[[GatewayKey | None], None] | None = None
                            ) -> tuple[dict[str, Any], Signals, Plan]:
     key = snapshot.authenticate(request.headers.get("Authorization"))    # 401 before reading any body
+    decision.key = key.name if key is not None else None                # known even if the body is bad
     if admit is not None:
-        decision.key = key.name if key is not None else None
         admit(key)                                                          # the key's own rpm: 429
     server = snapshot.config.server
     body = await read_json(request, server.max_body_bytes, server.body_timeout_s)

@@ -57,13 +57,13 @@ class _StateCollector(Collector):
         yield breakers
         levels = GaugeMetricFamily("llm_proxy_bucket_level",
                                    "Token bucket level: requests (rpm) or tokens (tpm) left right now",
-                                   labels=["scope", "name", "kind"])
+                                   labels=["scope", "id", "kind"])
         now = self.gateway.clock()
         for bucket_name, bucket in sorted(state.all_buckets().items()):
             scope, _, rest = bucket_name.partition(":")       # "deployment:<id>:rpm", "provider:<name>:tpm"
-            name, _, kind = rest.rpartition(":")
+            owner, _, kind = rest.rpartition(":")
             level = min(bucket.capacity, bucket.level + max(0.0, now - bucket.updated) * bucket.rate)
-            levels.add_metric([scope, name, kind], level)
+            levels.add_metric([scope, owner, kind], level)
         yield levels
         dropped = GaugeMetricFamily("llm_proxy_decision_log_dropped",
                                     "Decision records that could not be written", value=self.gateway.decisions.dropped)
