@@ -36,9 +36,18 @@ from .usage import Usage, cost_usd
 log = logging.getLogger("proxy.decisions")
 
 CLIENT_DISCONNECTED = "client_disconnected"     # an outcome, and the failure of the attempt it cut short
+CLOSE_TIMEOUT_S = 30.0          # a writer stuck on a full pipe must not keep the process from exiting
 QUEUE_LIMIT = 100_000           # records waiting for the writer; beyond it they are counted as dropped
 _PIPE_CHUNK = 4096              # PIPE_BUF: writes this small never interleave between workers
 _FILE_CHUNK = 1 << 20
+
+
+def _stdout_fd() -> int:
+    """The process's standard output, even when sys.stdout was swapped for an object without a file."""
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):
+        return 1
 
 
 def iso_time(epoch: float) -> str:
@@ -192,7 +201,7 @@ class DecisionLog:
     def start(self) -> None:
         if self.destination == "off":
             return
-        self._fd = sys.stdout.fileno() if self.destination == "stdout" else self._open()
+        self._fd = _stdout_fd() if self.destination == "stdout" else self._open()
         if stat.S_ISFIFO(os.fstat(self._fd).st_mode):
             self._chunk = _PIPE_CHUNK
         self._queue = asyncio.Queue(QUEUE_LIMIT)
@@ -299,7 +308,11 @@ class DecisionLog:
     async def close(self) -> None:
         if self._queue is not None and self._task is not None and not self._task.done():
             await self._queue.put(None)
-            await self._task
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                log.error("the decision log writer is stuck; exiting without the last records",
+                          extra={"queued": self._queue.qsize()})
         if self.is_file:
             for fd in (self._fd, self._next_fd):
                 if fd is not None:

@@ -224,9 +224,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             decision.outcome, decision.error = "internal_error", "internal gateway error"
             return writer.response
         log.exception("unhandled error", extra={"request_id": decision.request_id})
-        err = GatewayError(500, "internal gateway error", "server_error", "internal_error", outcome="internal_error")
-        decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
-        return error_response(err, _answer_headers(decision))
+        internal = GatewayError(500, "internal gateway error", "server_error", "internal_error",
+                                outcome="internal_error")
+        decision.outcome, decision.status, decision.error = internal.outcome, internal.status, internal.message
+        return error_response(internal, _answer_headers(decision))
     finally:
         gateway.in_flight.discard(task)
         if decision.outcome == "ok" and decision.served_model is None:
@@ -277,7 +278,8 @@ def feedback_fields(body: Any) -> tuple[str, float]:
     if not isinstance(rid, str) or not rid:
         raise bad_request("'request_id' must be a non-empty string", "request_id")
     score = body.get("score")
-    if type(score) not in (int, float) or not math.isfinite(score) or not 0.0 <= score <= 1.0:
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score) \
+            or not 0.0 <= score <= 1.0:
         raise bad_request("'score' must be a number from 0.0 to 1.0", "score")
     return rid, float(score)
 

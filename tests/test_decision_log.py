@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
-from conftest import model_entry
+from conftest import ROOT, model_entry
 from decision_log_support import decisions_in, read_lines, settled_records
 
+from proxy.config import Price
+from proxy.decisions import AttemptRecord, Decision, DecisionLog
+from proxy.providers.openai import OpenAIAdapter
 from proxy.simulator import canonical_text
 
 GATEWAY_KEY = "gw-test-key-7f3a9c"
@@ -247,3 +253,51 @@ async def test_shutdown_writes_every_queued_record(fleet, tmp_path: Path, monkey
                                      key=None) for i in range(25)))
     await runner.cleanup()          # no flush first: closing must drain the queue
     assert sorted(r["request_id"] for r in read_lines(log)) == sorted(f"s-{i}" for i in range(25))
+
+
+async def test_a_gateway_bug_still_answers_in_openai_shape_and_leaves_one_record(
+        make_gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_build(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug inside the attempt loop")
+
+    monkeypatch.setattr(OpenAIAdapter, "build", broken_build)
+    log = tmp_path / "decisions.jsonl"
+    gw = await make_gateway({"plain": model_entry("plain")}, {"chains": {"main": ["plain"]}, "default": "main",
+                                                             "server": {"decision_log": str(log)}})
+    async with aiohttp.ClientSession() as s:
+        for rid, stream in (("bug", False), ("bug-s", True)):
+            async with s.post(gw.base + "/chat/completions", headers={"X-Request-Id": rid},
+                              json={"model": "plain", "messages": MESSAGES, "stream": stream}) as r:
+                assert r.status == 500 and r.headers["X-Request-Id"] == rid
+                assert (await r.json())["error"]["code"] == "internal_error"
+    records = await settled_records(gw.gateway, log, 2)
+    assert sorted((x["request_id"], x["outcome"], x["status"]) for x in records) == [
+        ("bug", "internal_error", 500), ("bug-s", "internal_error", 500)]
+
+
+def test_report_reads_a_log_written_by_the_gateway(tmp_path: Path) -> None:
+    """The report and the log agree on the schema: feed it records written by DecisionLog."""
+    log = tmp_path / "decisions.jsonl"
+
+    async def write() -> None:
+        writer = DecisionLog(str(log))
+        writer.start()
+        for i in range(4):
+            d = Decision(f"w{i}", 0.0)
+            d.tier, d.rule, d.signals, d.served_model, d.duration_ms = "free", "short", {"input_tokens": 400}, "m", 5.0
+            attempt = AttemptRecord("m", "m/p/0", "p", 0.0, Price(**model_entry("x")["price"]))
+            attempt.content_seen, attempt.output_chars = True, 400
+            d.attempts.append(attempt)
+            d.settle()
+            writer.record(d)
+        writer.record({"type": "feedback", "request_id": "w0", "score": 0.5, "tier": "free", "model": "m",
+                       "rule": "short"})
+        await writer.close()
+
+    asyncio.run(write())
+    done = subprocess.run([sys.executable, "-m", "proxy", "report", "--json", str(log)], cwd=ROOT,
+                          capture_output=True, timeout=30, check=True)
+    [week] = orjson.loads(done.stdout)["weeks"]
+    assert week["all"]["requests"] == 4 and week["tier"]["free"]["quality"] == 0.5
+    # 400 input tokens at $1/M and 100 estimated output tokens at $2/M, per request
+    assert week["model"]["m"]["avg_cost_usd"] == pytest.approx((400 * 1.0 + 100 * 2.0) / 1e6)
