@@ -12,10 +12,11 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import model_entry
-from decision_log_support import settled_records
 
 from proxy.providers import registry
+
+from .conftest import model_entry
+from .decision_log_support import settled_records
 
 PRICE = {"input": 3.0, "output": 15.0, "cached_input": 0.3}
 

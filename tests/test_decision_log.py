@@ -17,13 +17,14 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from conftest import ROOT, model_entry
-from decision_log_support import decisions_in, read_lines, settled_records
 
 from proxy.config import Price
 from proxy.decisions import AttemptRecord, Decision, DecisionLog
 from proxy.providers.openai import OpenAIAdapter
 from proxy.simulator import canonical_text
+
+from .conftest import ROOT, model_entry
+from .decision_log_support import decisions_in, read_lines, settled_records
 
 GATEWAY_KEY = "gw-test-key-7f3a9c"
 LIMITED_KEY = "gw-limited-key-21b0"
@@ -239,9 +240,9 @@ async def test_rename_then_reopen_rotates_without_losing_a_record(make_gateway, 
 
 
 async def test_shutdown_writes_every_queued_record(fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from conftest import serve, write_config
-
     from proxy import config as config_module
+
+    from .conftest import serve, write_config
 
     monkeypatch.setenv("SIM_PROVIDER_KEY", "sk-sim")
     log = tmp_path / "decisions.jsonl"

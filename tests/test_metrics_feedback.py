@@ -11,9 +11,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import model_entry
-from decision_log_support import read_lines, settled_records
 from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import model_entry
+from .decision_log_support import read_lines, settled_records
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import ROOT
 
 from proxy.decisions import AttemptRecord, Decision
+
+from .conftest import ROOT
 
 WEEK_STARTS = [dt.datetime(2026, 1, 5, tzinfo=dt.UTC), dt.datetime(2026, 1, 12, tzinfo=dt.UTC),
                dt.datetime(2026, 1, 19, tzinfo=dt.UTC)]         # Mondays of 2026-W02, W03, W04

@@ -22,8 +22,9 @@ from typing import Any
 
 import aiohttp
 import orjson
-from conftest import ROOT, Fleet, model_entry, write_config
-from decision_log_support import decisions_in
+
+from .conftest import ROOT, Fleet, model_entry, write_config
+from .decision_log_support import decisions_in
 
 PROVIDER_SECRET = "sk-live-PROVIDERsecret-9a8b7c6d5e4f"
 GATEWAY_SECRET = "gwk-GATEWAYsecret-1122334455"
@@ -72,8 +73,10 @@ async def _stop(process: subprocess.Popen) -> tuple[str, str]:
 
 def _config(tmp_path: Path, fleet: Fleet, decision_log: str) -> tuple[Path, Path]:
     models = {"good": model_entry("good-n6"), "authfail": model_entry("authfail-401"),
+              "authfail-a": model_entry("authfail-401", provider="sim-anthropic"),
+              "authfail-g": model_entry("authfail-401", provider="sim-gemini"),
               "cut": model_entry("cut-cut2"), "down": model_entry("down-500")}
-    routes = {"chains": {"main": ["good"], "bad-auth": ["authfail"]}, "default": "main",
+    routes = {"chains": {"main": ["good"], "bad-auth": ["authfail", "authfail-a", "authfail-g"]}, "default": "main",
               "keys": [{"name": "app", "key_env": "TEST_GATEWAY_SECRET", "tier": "standard"}],
               "server": {"decision_log": decision_log}}
     return write_config(tmp_path, fleet, models, routes)
@@ -126,13 +129,17 @@ async def test_neither_key_appears_in_log_output_metrics_or_answers(fleet: Fleet
                 assert b"llm_proxy_requests_total" in metrics
         out, err = await _stop(process)
 
-    # The keys were really in play: the provider key reached the simulator, whose 401 quoted it.
-    assert any(x.headers.get("Authorization") == f"Bearer {PROVIDER_SECRET}" for x in fleet.sim.seen)
+    # The keys were really in play: the provider key reached the simulator (all three protocols),
+    # whose 401 quoted it.
+    sent = {(x.protocol, v) for x in fleet.sim.seen for v in x.headers.values()}
+    assert {("openai", f"Bearer {PROVIDER_SECRET}"), ("anthropic", PROVIDER_SECRET), ("gemini", PROVIDER_SECRET)} <= sent
     records = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
     decisions = [r for r in records if r.get("type") == "decision"]
     assert len(decisions) == len(chat), "every request left a record on stdout"
     assert any("[redacted]" in (a["message"] or "") for d in decisions for a in d["attempts"])
-    assert any(b"[redacted]" in body for body in seen), "the 502 lists the attempt with the key scrubbed"
+    for provider in ("sim-openai", "sim-anthropic", "sim-gemini"):    # each 502 lists its attempts, scrubbed
+        quoted = f"via {provider}: auth 401 (Incorrect API key provided: [redacted])".encode()
+        assert any(quoted in body for body in seen), provider
 
     for secret in (PROVIDER_SECRET, GATEWAY_SECRET):
         assert secret not in out, f"{secret} on stdout"

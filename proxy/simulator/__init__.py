@@ -12,7 +12,8 @@ something here is applied; other parts are ignored, so `gpt-5-mini` is a healthy
              event mid-stream), nodone (no terminal event), cut<k> (socket closed after k
              tokens), stall<k> (silence after k tokens)
   caller     ctx (400 context_length_exceeded), policy (400 content policy)
-  usage      cache<k> (k prompt tokens reported as cached), nousage (no usage reported at all)
+  usage      cache<k> (k prompt tokens reported as cached), nousage (the OpenAI wire reports no usage,
+             like OpenAI-compatible vendors that ignore stream_options)
 
 A 401 echoes the credential it was sent in its message, as some providers do, so tests
 can prove the gateway never passes a provider key on.
