@@ -132,7 +132,8 @@ async def test_neither_key_appears_in_log_output_metrics_or_answers(fleet: Fleet
     # The keys were really in play: the provider key reached the simulator (all three protocols),
     # whose 401 quoted it.
     sent = {(x.protocol, v) for x in fleet.sim.seen for v in x.headers.values()}
-    assert {("openai", f"Bearer {PROVIDER_SECRET}"), ("anthropic", PROVIDER_SECRET), ("gemini", PROVIDER_SECRET)} <= sent
+    assert {("openai", f"Bearer {PROVIDER_SECRET}"), ("anthropic", PROVIDER_SECRET),
+            ("gemini", PROVIDER_SECRET)} <= sent
     records = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
     decisions = [r for r in records if r.get("type") == "decision"]
     assert len(decisions) == len(chat), "every request left a record on stdout"
