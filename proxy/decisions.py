@@ -9,7 +9,8 @@ loses nothing; `close` drains the queue on shutdown.
 
 Billing: an attempt is billed once content came back from the upstream. Its cost uses the
 provider's own usage; without it, the cost is estimated from the request's input-token
-estimate and the length of the text that came back, and marked `cost_estimated`. A
+estimate and the length of the text that came back, and marked `cost_estimated` (also
+when a stream cut short reported fewer output tokens than the text that arrived). A
 failure before any content is not billed.
 
 Never holds a secret: the key's name is recorded, never the key.
@@ -19,6 +20,7 @@ Imports only config and usage.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import stat
@@ -84,9 +86,14 @@ class AttemptRecord:
         """Price this attempt once, from the provider's usage or an estimate."""
         if not self.billed or self.price is None:
             return
+        output_estimate = (self.output_chars + 3) >> 2      # the router's own estimate: 4 characters a token
         if self.usage is None:
-            # the router's own estimate: a token per 4 characters
-            self.usage = Usage(input_tokens=input_tokens, output_tokens=(self.output_chars + 3) >> 2)
+            self.usage = Usage(input_tokens=input_tokens, output_tokens=output_estimate)
+            self.cost_estimated = True
+        elif not self.served and output_estimate > self.usage.output_tokens:
+            # Cut short: the usage so far (Anthropic's message_start, Gemini's running count) may not
+            # count all the output that did arrive; keep its input tokens, estimate the output.
+            self.usage = dataclasses.replace(self.usage, output_tokens=output_estimate)
             self.cost_estimated = True
         self.cost_usd = cost_usd(self.usage, self.price)
         self.wasted = self.failure is not None and self.failure != CLIENT_DISCONNECTED   # the client chose to leave

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from proxy.providers import registry
+from proxy.simulator import canonical_text
 
 from .conftest import model_entry
 from .decision_log_support import settled_records
@@ -64,3 +65,25 @@ async def test_streamed_and_plain_requests_cost_the_same(make_gateway, tmp_path:
         assert (record["input_tokens"], record["cached_input_tokens"], record["output_tokens"]) == (
             shown["prompt_tokens"], shown["prompt_tokens_details"]["cached_tokens"], shown["completion_tokens"])
     assert plain["cost_usd"] == stream["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("protocol", sorted(registry()))
+async def test_a_stream_cut_after_content_is_billed_for_what_arrived(make_gateway, tmp_path: Path,
+                                                                     protocol: str) -> None:
+    log = tmp_path / "decisions.jsonl"
+    models = {"m": model_entry("parity-n9-cut3", provider=f"sim-{protocol}", price=PRICE)}
+    gw = await make_gateway(models, {"chains": {"main": ["m"]}, "default": "main",
+                                     "server": {"decision_log": str(log)}})
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "Price a broken answer."}]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base + "/chat/completions", json=body) as r:
+            assert r.status == 200
+            assert '"error"' in await r.text()
+    [record] = await settled_records(gw.gateway, log, 1)
+    [attempt] = record["attempts"]
+    arrived = len("".join(canonical_text(3)))
+    assert record["outcome"] == "stream_error" and attempt["wasted"] and record["cost_estimated"]
+    assert attempt["output_tokens"] == (arrived + 3) // 4
+    assert attempt["input_tokens"] > 0
+    assert record["cost_usd"] == record["wasted_cost_usd"] == pytest.approx(
+        (attempt["input_tokens"] * PRICE["input"] + attempt["output_tokens"] * PRICE["output"]) / 1e6)
