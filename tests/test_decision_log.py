@@ -302,3 +302,15 @@ def test_report_reads_a_log_written_by_the_gateway(tmp_path: Path) -> None:
     assert week["all"]["requests"] == 4 and week["tier"]["free"]["quality"] == 0.5
     # 400 input tokens at $1/M and 100 estimated output tokens at $2/M, per request
     assert week["model"]["m"]["avg_cost_usd"] == pytest.approx((400 * 1.0 + 100 * 2.0) / 1e6)
+
+
+async def test_close_drains_a_full_queue_and_a_late_record_is_still_written(tmp_path: Path) -> None:
+    log = tmp_path / "decisions.jsonl"
+    writer = DecisionLog(str(log))
+    writer.start()
+    for i in range(500):                    # queued with no await in between: the writer has written nothing
+        writer.record(Decision(f"q{i}", 0.0))
+    assert writer.written == 0
+    await writer.close()
+    writer.record(Decision("late", 0.0))    # a request that outlived the drain
+    assert [r["request_id"] for r in decisions_in(log)] == [f"q{i}" for i in range(500)] + ["late"]
