@@ -56,12 +56,16 @@ class _StateCollector(Collector):
             breakers.add_metric([deployment_id], STATE_VALUE[breaker.state])
         yield breakers
         levels = GaugeMetricFamily("llm_proxy_bucket_level",
-                                   "Token bucket level: requests (rpm) or tokens (tpm) left right now",
+                                   "Token bucket level: requests (rpm) or tokens (tpm) left now, by scope "
+                                   "(deployment, provider, key)",
                                    labels=["scope", "id", "kind"])
         now = self.gateway.clock()
         for bucket_name, bucket in sorted(state.all_buckets().items()):
-            scope, _, rest = bucket_name.partition(":")       # "deployment:<id>:rpm", "provider:<name>:tpm"
-            owner, _, kind = rest.rpartition(":")
+            # "deployment:<id>:rpm", "provider:<name>:tpm", "key:<name>" (a key's own rpm)
+            scope, _, rest = bucket_name.partition(":")
+            owner, sep, kind = rest.rpartition(":")
+            if not sep or kind not in ("rpm", "tpm"):
+                owner, kind = rest, "rpm"
             level = min(bucket.capacity, bucket.level + max(0.0, now - bucket.updated) * bucket.rate)
             levels.add_metric([scope, owner, kind], level)
         yield levels

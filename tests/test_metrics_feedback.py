@@ -160,7 +160,7 @@ async def test_feedback_needs_the_key_that_made_the_request(make_gateway, tmp_pa
     monkeypatch.setenv("KEY_B", "key-b-secret-000")
     gw = await make_gateway({"good": model_entry("good-n2")}, {
         "chains": {"main": ["good"]}, "default": "main",
-        "keys": [{"name": "a", "key_env": "KEY_A", "tier": "standard"},
+        "keys": [{"name": "a", "key_env": "KEY_A", "tier": "standard", "rpm": 50},
                  {"name": "b", "key_env": "KEY_B", "tier": "standard"}]})
     a, b = {"Authorization": "Bearer key-a-secret-000"}, {"Authorization": "Bearer key-b-secret-000"}
     async with aiohttp.ClientSession() as s:
@@ -174,6 +174,9 @@ async def test_feedback_needs_the_key_that_made_the_request(make_gateway, tmp_pa
             assert r.status == 404                      # another key's request is not even acknowledged
         async with s.post(gw.base + "/feedback", json=rating, headers=a) as r:
             assert r.status == 200
+        samples = await scrape(s, gw.url)
+    assert 48 <= value(samples, "llm_proxy_bucket_level", scope="key", id="a", kind="rpm") < 50
+    assert not any("key-a-secret" in str(labels) for _, labels in samples)
 
 
 async def test_feedback_remembers_a_bounded_number_of_requests(make_gateway, tmp_path: Path,
