@@ -56,6 +56,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs
     from .app import is_loopback, serve
+    from .decisions import DecisionLog
 
     logs.setup(args.log_level)
     config = load_or_exit(args)
@@ -63,6 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: routes.yaml has no keys: section, so the gateway is unauthenticated and will not "
               f"bind to {args.host}; add keys, bind to 127.0.0.1, or pass --allow-unauthenticated",
               file=sys.stderr)
+        return 2
+    problem = DecisionLog(config.server.decision_log).problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     return serve(config, args.host, args.port, args.workers)
 

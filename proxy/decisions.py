@@ -205,6 +205,16 @@ class DecisionLog:
     def is_file(self) -> bool:
         return self.destination not in ("stdout", "off")
 
+    def problem(self) -> str | None:
+        """Why the destination cannot be written (checked before serving), or None."""
+        if not self.is_file:
+            return None
+        try:
+            os.close(self._open())
+        except OSError as exc:
+            return f"server.decision_log: cannot open '{self.destination}' for appending: {exc.strerror}"
+        return None
+
     def start(self) -> None:
         if self.destination == "off":
             return

@@ -174,3 +174,12 @@ async def test_sighup_reopens_the_log_and_sigterm_loses_nothing(fleet: Fleet, tm
         await _stop(process)            # SIGTERM right away: the queue must drain before exit
     assert sorted(r["request_id"] for r in decisions_in(rotated)) == [f"before-{i}" for i in range(3)]
     assert sorted(r["request_id"] for r in decisions_in(log)) == sorted(f"after-{i}" for i in range(12))
+
+
+def test_serve_refuses_a_decision_log_it_cannot_open(fleet: Fleet, tmp_path: Path) -> None:
+    providers, routes = _config(tmp_path, fleet, str(tmp_path / "missing-dir" / "decisions.jsonl"))
+    done = subprocess.run([sys.executable, "-m", "proxy", "serve", "--providers", str(providers), "--routes",
+                           str(routes), "--port", str(_free_port())], cwd=ROOT, capture_output=True, timeout=30,
+                          env={**os.environ, "SIM_PROVIDER_KEY": PROVIDER_SECRET})
+    assert done.returncode == 2
+    assert b"server.decision_log: cannot open" in done.stderr and b"Traceback" not in done.stderr
