@@ -21,6 +21,7 @@ A map of the package, a line per module:
   usage         normalised token usage and its cost
   decisions     one decision record per request and the JSON-lines log
   metrics       Prometheus metrics derived from decision records
+  report        `llm-proxy report`: weekly cost, fallback rate, quality and latency from decision logs
   logs          structured JSON logs
   systemd       `llm-proxy systemd-unit`: a hardened service unit for this install
   demo          the gateway in front of the simulated fleet
