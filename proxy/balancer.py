@@ -2,12 +2,12 @@
 
 `StateStore` is the small interface behind which buckets, breakers and load statistics
 live. `MemoryState` keeps them in this process; a shared store (Redis) can implement
-the same four methods when several gateway instances run side by side.
+the same five methods when several gateway instances run side by side.
 
 Buckets: requests per minute and tokens per minute, per deployment and per provider
 account. A request reserves 1 request and its input tokens + max_tokens (1,024 when it
 sets none, capped at the bucket's size) at admission; `settle` refunds what the real
-usage did not spend.
+usage did not spend, or takes what it spent beyond the reservation.
 
 Time is a parameter everywhere. Imports config and breaker only.
 """
@@ -44,6 +44,7 @@ class TokenBucket:
         return self.level >= min(amount, self.capacity)
 
     def take(self, amount: float, now: float) -> None:
+        """May go below zero (a settle of real usage): the debt delays the next admission."""
         self._refill(now)
         self.level -= min(amount, self.capacity)
 
@@ -72,6 +73,7 @@ class StateStore(Protocol):
     def stats(self, deployment_id: str) -> DeploymentStats: ...
     def all_breakers(self) -> dict[str, CircuitBreaker]: ...
     def all_buckets(self) -> dict[str, TokenBucket]: ...
+    def set_breaker_policy(self, policy: BreakerPolicy) -> None: ...
 
 
 @dataclass
@@ -106,6 +108,12 @@ class MemoryState:
 
     def all_buckets(self) -> dict[str, TokenBucket]:
         return self.buckets
+
+    def set_breaker_policy(self, policy: BreakerPolicy) -> None:
+        """From `server.breaker` at start and on reload; breakers keep their state."""
+        self.policy = policy
+        for breaker in self.breakers.values():
+            breaker.policy = policy
 
 
 @dataclass(slots=True)
@@ -184,9 +192,11 @@ class Balancer:
             return Refusal("breaker_open", longest_open=longest)
         return Refusal("excluded")
 
-    def force(self, deployment: Deployment, tokens: int, now: float) -> Reservation:
-        """Probe a deployment whose breaker is open: every candidate is open, so try the oldest."""
-        self.state.breaker(deployment.id).force_probe(now)
+    def force(self, deployment: Deployment, tokens: int, now: float) -> Reservation | None:
+        """Probe a deployment whose breaker is open: every candidate is open, so try the oldest.
+        None while its probe slots are taken (the probe is bounded even then)."""
+        if not self.state.breaker(deployment.id).force_probe(now):
+            return None
         reservation = self._reserve(deployment, tokens, now)
         reservation.probe = True
         return reservation
@@ -205,9 +215,14 @@ class Balancer:
     def settle(self, reservation: Reservation, used_tokens: int | None, now: float) -> None:
         """Return unused reserved tokens; called exactly once per reservation."""
         self.state.stats(reservation.deployment.id).in_flight -= 1
-        if used_tokens is not None and used_tokens < reservation.tokens:
-            for b in reservation.buckets:
-                b.refund(reservation.tokens - used_tokens, now)
+        if used_tokens is None:
+            return                              # usage unknown: the reservation stands
+        for b in reservation.buckets:
+            taken = min(reservation.tokens, b.capacity)
+            if used_tokens < taken:
+                b.refund(taken - used_tokens, now)
+            elif used_tokens > taken:
+                b.take(used_tokens - taken, now)    # spent more than reserved: the bucket owes it
 
     def _pick(self, ready: list[Deployment], strategy: str) -> Deployment:
         if len(ready) == 1:

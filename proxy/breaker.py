@@ -56,10 +56,20 @@ class CircuitBreaker:
             return True
         return False
 
-    def force_probe(self, now: float) -> None:
-        """Admit one request although open: used when every candidate's breaker is open."""
-        self.state = HALF_OPEN
+    def force_probe(self, now: float) -> bool:
+        """Admit one request although open: used when every candidate's breaker is open.
+
+        Still bounded: False while the half-open probes are already out.
+        """
+        if self.state == CLOSED:
+            return True
+        if self.state == HALF_OPEN and self._probing >= self.policy.probes:
+            return False
+        if self.state == OPEN:
+            self.state = HALF_OPEN
+            self._probing = 0
         self._probing += 1
+        return True
 
     def record_success(self, now: float) -> None:
         self._recent.append((now, True))

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from .breaker import BreakerPolicy
+
 PROTOCOLS = ("openai", "anthropic", "gemini")
 STRATEGIES = ("weighted", "least_loaded", "lowest_latency", "cheapest")
 CAPABILITIES = ("code", "json", "tools", "vision", "prefill", "reasoning")
@@ -148,6 +150,7 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()
     drain_timeout_s: float = 30.0
     body_timeout_s: float = 30.0                # a client must deliver its whole body in this time
+    breaker: BreakerPolicy = BreakerPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,10 +439,31 @@ def _key(node: _Node, env: Mapping[str, str]) -> GatewayKey | None:
     )
 
 
+def _breaker(node: _Node) -> BreakerPolicy:
+    m = node.mapping(("consecutive", "ratio", "min_calls", "window_s", "open_s", "max_open_s", "probes"))
+    d = BreakerPolicy()
+    ratio = _opt(m, "ratio", _Node.number, d.ratio)
+    if not 0 < ratio <= 1:
+        raise m["ratio"].error("must be > 0 and <= 1")
+    open_s = _opt(m, "open_s", lambda n: n.number(0.001), d.open_s)
+    max_open_s = _opt(m, "max_open_s", lambda n: n.number(0.001), max(d.max_open_s, open_s))
+    if max_open_s < open_s:
+        raise m["max_open_s"].error("must be >= open_s")
+    return BreakerPolicy(
+        consecutive=_opt(m, "consecutive", lambda n: n.integer(1), d.consecutive),
+        ratio=ratio,
+        min_calls=_opt(m, "min_calls", lambda n: n.integer(1), d.min_calls),
+        window_s=_opt(m, "window_s", lambda n: n.number(0.001), d.window_s),
+        open_s=open_s,
+        max_open_s=max_open_s,
+        probes=_opt(m, "probes", lambda n: n.integer(1), d.probes),
+    )
+
+
 def _server(node: _Node) -> ServerSettings:
     m = node.mapping((
         "max_body_bytes", "max_messages", "max_attempts", "max_retry_wait_s", "request_timeout_s",
-        "default_tier", "decision_log", "cors_origins", "drain_timeout_s", "body_timeout_s",
+        "default_tier", "decision_log", "cors_origins", "drain_timeout_s", "body_timeout_s", "breaker",
     ))
     d = ServerSettings()
     return ServerSettings(
@@ -453,6 +477,7 @@ def _server(node: _Node) -> ServerSettings:
         cors_origins=_opt(m, "cors_origins", _Node.strings, d.cors_origins),
         drain_timeout_s=_opt(m, "drain_timeout_s", _Node.number, d.drain_timeout_s),
         body_timeout_s=_opt(m, "body_timeout_s", lambda n: n.number(0.001), d.body_timeout_s),
+        breaker=_opt(m, "breaker", _breaker, d.breaker),
     )
 
 

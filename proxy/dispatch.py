@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 AUTH_OPEN_S = 300.0
 BACKOFF_S = (0.05, 0.25)        # jittered wait before the one retry of a 5xx or reset
-RATE_LIMIT_BACKOFF_S = (0.2, 0.6)
+RATE_LIMIT_BACKOFF_S = (0.2, 0.6)   # the hold after a 429 that gave no Retry-After
+RETRY_MARGIN_S = 0.01
 
 
 class ClientStream(Protocol):
@@ -101,48 +102,53 @@ class Dispatcher:
         chain: Chain | None = ex.plan.chain_config
         tokens = reservation_tokens(ex.signals.input_tokens, ex.signals.max_tokens)
         budget = self.settings.max_attempts
-        rate_limited_wait: float | None = None
-        open_longest: Deployment | None = None
-        min_context = 0
+        rate_limited_wait: float | None = None      # the shortest wait any limit asked for
+        open_longest: Deployment | None = None      # every breaker open: the one to probe
+        min_context = 0                             # after context_length_exceeded: a larger window
         prefill: str | None = None                  # text streamed so far, once continuing
         last_caller: UpstreamFailure | None = None
 
         for candidate in ex.plan.candidates:
             model = candidate.model
-            if model.context_window <= min_context:
-                ex.decision.skipped.append({"model": model.name, "reason": "context window not larger "
-                                            "than a model that reported context_length_exceeded"})
-                continue
-            if prefill is not None and "prefill" not in model.capabilities:
-                ex.decision.skipped.append({"model": model.name, "reason": "cannot continue a prefilled answer"})
+            deployments, skip = self._usable(candidate, min_context, prefill)
+            if skip is not None:
+                ex.decision.skipped.append({"model": model.name, "reason": skip})
                 continue
             excluded: set[str] = set()
             retried: set[str] = set()
+            pinned: Deployment | None = None        # the retry goes to the deployment that failed
             while budget > 0:
-                choice = self.balancer.choose(candidate.deployments, model.strategy, tokens, self.clock(), excluded)
+                pool = (pinned,) if pinned is not None else deployments
+                choice = self.balancer.choose(pool, model.strategy, tokens, self.clock(), excluded)
                 if isinstance(choice, Refusal):
+                    if pinned is not None:          # no longer admitted (limit, breaker): try the others
+                        excluded.add(pinned.id)
+                        pinned = None
+                        continue
                     if choice.reason == "rate_limited":
                         rate_limited_wait = min(rate_limited_wait or math.inf, choice.retry_after)
-                    elif choice.reason == "breaker_open" and open_longest is None:
-                        open_longest = choice.longest_open
+                    elif choice.reason == "breaker_open":
+                        open_longest = self._older(open_longest, choice.longest_open)
                     break
+                pinned = None
                 budget -= 1
                 outcome = await self._attempt(ex, candidate, choice, client, prefill)
                 if outcome is None or isinstance(outcome, bytes):
                     return outcome
-                failure = outcome
-                if isinstance(failure, StreamBroken):
+                if isinstance(outcome, StreamBroken):
                     if chain is None or chain.on_stream_failure != "continue" or client is None:
-                        await self._end_with_error(ex, client, failure.failure)
+                        await self._end_with_error(ex, client, outcome.failure)
                         return None
-                    prefill = (prefill or "") + "".join(failure.text)
-                    excluded.add(choice.deployment.id)
+                    prefill = (prefill or "") + "".join(outcome.text)
                     break                                       # continue on the next candidate
-                policy = POLICY[failure.kind]
+                failure = outcome
+                if failure.kind is FailureClass.RATE_LIMITED and failure.retry_after is not None:
+                    rate_limited_wait = min(rate_limited_wait or math.inf, failure.retry_after)
                 if failure.kind is FailureClass.CONTENT_POLICY and chain is not None \
                         and chain.fallback_on_content_policy:
-                    excluded.add(choice.deployment.id)
+                    last_caller = failure
                     break
+                policy = POLICY[failure.kind]
                 if not policy.fallback:
                     last_caller = failure
                     budget = 0
@@ -154,32 +160,60 @@ class Dispatcher:
                 wait = self._retry_wait(failure, ex.deadline)
                 if policy.retry_same and choice.deployment.id not in retried and wait is not None and budget > 0:
                     retried.add(choice.deployment.id)
+                    pinned = choice.deployment
                     await self.sleep(wait)
                     continue
                 excluded.add(choice.deployment.id)
             if budget <= 0:
                 break
 
-        if not ex.decision.attempts and open_longest is not None and budget > 0:
+        if not ex.decision.attempts and open_longest is not None and rate_limited_wait is None and budget > 0:
             # Every candidate's breaker is open: probe the one open longest rather than fail untried.
             candidate = next(c for c in ex.plan.candidates if open_longest in c.deployments)
             reservation = self.balancer.force(open_longest, tokens, self.clock())
-            outcome = await self._attempt(ex, candidate, reservation, client, None)
-            if outcome is None or isinstance(outcome, bytes):
-                return outcome
-            if isinstance(outcome, StreamBroken):
-                await self._end_with_error(ex, client, outcome.failure)
-                return None
+            if reservation is not None:
+                outcome = await self._attempt(ex, candidate, reservation, client, None)
+                if outcome is None or isinstance(outcome, bytes):
+                    return outcome
+                if isinstance(outcome, StreamBroken):
+                    await self._end_with_error(ex, client, outcome.failure)
+                    return None
         if client is not None and client.committed:
             await self._end_with_error(ex, client, UpstreamFailure(
                 FailureClass.PROTOCOL, "no candidate could continue the interrupted answer"))
             return None
         raise final_error(ex.decision.attempts, last_caller, rate_limited_wait)
 
+    def _usable(self, candidate: Candidate, min_context: int, prefill: str | None
+                ) -> tuple[tuple[Deployment, ...], str | None]:
+        """The candidate's deployments this request may use, or why the candidate is skipped."""
+        model = candidate.model
+        if model.context_window <= min_context:
+            return (), "context window not larger than a model that reported context_length_exceeded"
+        if prefill is not None and "prefill" not in model.capabilities:
+            return (), "cannot continue a prefilled answer"
+        adapters = self.adapters
+        deployments = candidate.deployments
+        if any(d.provider.api not in adapters for d in deployments):
+            deployments = tuple(d for d in deployments if d.provider.api in adapters)
+            if not deployments:
+                return (), "no adapter for its wire protocol"
+        return deployments, None
+
+    def _older(self, current: Deployment | None, other: Deployment | None) -> Deployment | None:
+        """Of two deployments with open breakers, the one open longest."""
+        if current is None or other is None:
+            return current or other
+        return min(current, other, key=lambda d: self.state.breaker(d.id).opened_at)
+
     def _retry_wait(self, failure: UpstreamFailure, deadline: float) -> float | None:
-        """Seconds to wait before retrying the same deployment, or None when it does not fit."""
+        """Seconds to wait before retrying the same deployment, or None when it does not fit.
+
+        A 429's wait is its Retry-After (or the jittered hold `_attempt` chose), plus a hair
+        so the retry never lands before the deployment's hold has ended.
+        """
         if failure.kind is FailureClass.RATE_LIMITED:
-            wait = failure.retry_after if failure.retry_after is not None else random.uniform(*RATE_LIMIT_BACKOFF_S)
+            wait = (failure.retry_after or 0.0) + RETRY_MARGIN_S
             if wait > self.settings.max_retry_wait_s:
                 return None
         else:
@@ -199,6 +233,7 @@ class Dispatcher:
         breaker = self.state.breaker(deployment.id)
         used_tokens: int | None = None
         verdict: str | None = None          # "ok" | "fail" | None (no verdict: client left)
+        failure_hold: float | None = None   # a Retry-After that came with a failure: the open interval
         try:
             request = adapter.build(deployment, ex.body, ex.signals.stream, prefill)
             if ex.decision.overhead_ms is None:
@@ -218,12 +253,16 @@ class Dispatcher:
             return broken
         except UpstreamFailure as failure:
             verdict = "fail" if POLICY[failure.kind].breaker else None
+            failure_hold = failure.retry_after
             self._failed(record, failure, deployment)
             if failure.kind is FailureClass.AUTH:
                 breaker.trip(self.clock(), AUTH_OPEN_S)
             elif failure.kind is FailureClass.RATE_LIMITED:
-                breaker.trip(self.clock(), failure.retry_after if failure.retry_after is not None
-                             else RATE_LIMIT_BACKOFF_S[1])
+                # No traffic until the limit lifts; without Retry-After, a short jittered hold
+                # that the retry (if any) then waits out exactly.
+                if failure.retry_after is None:
+                    failure.retry_after = random.uniform(*RATE_LIMIT_BACKOFF_S)
+                breaker.trip(self.clock(), failure.retry_after)
             elif failure.kind in (FailureClass.CALLER, FailureClass.CONTENT_POLICY, FailureClass.CONTEXT_LENGTH):
                 verdict = "ok"      # the deployment answered correctly; the request was wrong
             return failure
@@ -233,7 +272,7 @@ class Dispatcher:
             if verdict == "ok":
                 breaker.record_success(now)
             elif verdict == "fail":
-                breaker.record_failure(now, None)
+                breaker.record_failure(now, failure_hold)
             else:
                 breaker.release_probe()
             self.balancer.settle(reservation, used_tokens, now)

@@ -81,6 +81,7 @@ class Gateway:
                  adapters: Mapping[str, Adapter] | None = None) -> None:
         self.clock = clock
         self.state: StateStore = state or MemoryState()
+        self.state.set_breaker_policy(config.server.breaker)
         self.transport = Transport()
         self.adapters = adapters or registry()
         self.decisions = DecisionLog(config.server.decision_log)
@@ -137,6 +138,7 @@ class Gateway:
             log.error("reload rejected, the old config keeps serving", extra={"reason": reason})
             return False
         self.snapshot = snapshot
+        self.state.set_breaker_policy(new.server.breaker)
         if new.server.decision_log != self.decisions.destination:
             log.warning("decision_log destination changes take effect on restart")
         self.decisions.reopen()
