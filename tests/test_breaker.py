@@ -1,0 +1,153 @@
+"""The circuit breaker: exact with an injected clock, then a failure-and-recovery sequence
+on real sockets (the primary fails at run time via POST /_sim/faults, then recovers)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from conftest import Fleet, MakeGateway, model_entry
+from streams import stream_chat
+
+from proxy.breaker import CLOSED, HALF_OPEN, OPEN, BreakerPolicy, CircuitBreaker
+from proxy.config import ConfigError
+
+POLICY = BreakerPolicy(consecutive=3, ratio=0.5, min_calls=6, window_s=10.0, open_s=2.0, max_open_s=8.0, probes=2)
+
+
+def test_opens_after_consecutive_failures_and_not_before() -> None:
+    b = CircuitBreaker(POLICY)
+    b.record_failure(0.0)
+    b.record_failure(0.1)
+    assert b.state == CLOSED and b.allows(0.2)
+    b.record_failure(0.2)
+    assert b.state == OPEN and b.opened_at == 0.2 and b.open_until == pytest.approx(2.2)
+    assert not b.allows(2.1)
+
+
+def test_a_success_resets_the_streak() -> None:
+    b = CircuitBreaker(POLICY)
+    for t in (0.0, 0.1):
+        b.record_failure(t)
+    b.record_success(0.2)
+    b.record_failure(0.3)
+    b.record_failure(0.4)
+    assert b.state == CLOSED
+
+
+def test_opens_on_failure_ratio_over_the_window() -> None:
+    b = CircuitBreaker(POLICY)
+    # Alternating: never three in a row, but half of six calls fail.
+    for i, ok in enumerate([True, False, True, False, True]):
+        (b.record_success if ok else b.record_failure)(float(i))
+    assert b.state == CLOSED                          # five calls: below min_calls
+    b.record_failure(5.0)
+    assert b.state == OPEN
+
+
+def test_old_calls_leave_the_ratio_window() -> None:
+    b = CircuitBreaker(POLICY)
+    for i in range(5):
+        b.record_failure(float(i) * 0.01) if i % 2 else b.record_success(float(i) * 0.01)
+    b.record_failure(20.0)          # the five earlier calls are older than window_s
+    assert b.state == CLOSED
+
+
+def test_retry_after_sets_the_open_interval() -> None:
+    b = CircuitBreaker(POLICY)
+    b.record_failure(0.0)
+    b.record_failure(0.0)
+    b.record_failure(1.0, open_for=5.0)
+    assert b.state == OPEN and b.open_until == 6.0
+    assert not b.allows(5.9) and b.allows(6.0)
+
+
+def test_half_open_admits_a_bounded_number_of_probes_and_success_closes() -> None:
+    b = CircuitBreaker(POLICY)
+    for _ in range(3):
+        b.record_failure(0.0)
+    assert b.allows(2.0) and b.state == HALF_OPEN
+    assert b.allows(2.0)
+    assert not b.allows(2.0)                          # probes=2: the third waits
+    b.release_probe()                                 # a probe ended without a verdict
+    assert b.allows(2.1)
+    b.record_success(2.5)
+    assert b.state == CLOSED and b.allows(2.5) and b.allows(2.5) and b.allows(2.5)
+
+
+def test_a_failed_probe_reopens_for_twice_as_long_up_to_the_maximum() -> None:
+    b = CircuitBreaker(POLICY)
+    for _ in range(3):
+        b.record_failure(0.0)
+    now = 0.0
+    for expected in (4.0, 8.0, 8.0):
+        now = b.open_until
+        assert b.allows(now)
+        b.record_failure(now)
+        assert b.state == OPEN and b.open_until == pytest.approx(now + expected)
+    b.record_success(b.open_until)
+    for _ in range(3):
+        b.record_failure(100.0)
+    assert b.open_until == pytest.approx(102.0)      # closing reset the interval
+
+
+def test_forced_probe_is_bounded_too() -> None:
+    b = CircuitBreaker(BreakerPolicy(consecutive=1, probes=1, open_s=10.0))
+    b.record_failure(0.0)
+    assert b.force_probe(1.0) and b.state == HALF_OPEN
+    assert not b.force_probe(1.0)
+    b.record_success(1.5)
+    assert b.state == CLOSED
+
+
+def test_breaker_policy_is_read_from_routes_yaml(tmp_path, fleet: Fleet) -> None:
+    from conftest import write_config
+
+    from proxy import config as config_module
+    routes = {"chains": {"main": ["m"]}, "default": "main",
+              "server": {"breaker": {"consecutive": 2, "open_s": 0.5, "max_open_s": 1, "probes": 3}}}
+    p, r = write_config(tmp_path, fleet, {"m": model_entry("m-n5")}, routes)
+    policy = config_module.load(p, r, {}).server.breaker
+    assert (policy.consecutive, policy.open_s, policy.max_open_s, policy.probes) == (2, 0.5, 1.0, 3)
+    routes["server"]["breaker"] = {"ratio": 1.5}
+    p, r = write_config(tmp_path, fleet, {"m": model_entry("m-n5")}, routes)
+    with pytest.raises(ConfigError, match=r"server\.breaker\.ratio"):
+        config_module.load(p, r, {})
+
+
+async def test_traffic_moves_to_the_fallback_and_returns_after_recovery(fleet: Fleet,
+                                                                        make_gateway: MakeGateway) -> None:
+    open_s = 0.6
+    models = {"primary": model_entry("p-n4"), "backup": model_entry("b-n4")}
+    routes = {"chains": {"main": ["primary", "backup"]}, "default": "main",
+              "server": {"breaker": {"consecutive": 3, "open_s": open_s, "max_open_s": open_s}}}
+    gw = await make_gateway(models, routes)
+    breaker_id = "primary/sim-openai/0"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{fleet.port}/_sim/faults", json={"model": "p-n4", "fault": "503"}):
+            pass
+        served = [(await stream_chat(s, gw.base, "main")) for _ in range(6)]
+        assert all(r.complete and r.headers["X-Route-Model"] == "backup" for r in served)
+        assert gw.gateway.state.breaker(breaker_id).state == OPEN
+        # Open: the primary is not even tried, the fallback answers at the first attempt.
+        failed_calls = len(fleet.sim.requests_for("p-n4"))
+        assert failed_calls <= 4                      # 2 per request until the third failure opened it
+        assert served[-1].headers["X-Route-Attempts"] == "1"
+
+        async with s.post(f"http://127.0.0.1:{fleet.port}/_sim/faults", json={"model": "p-n4", "fault": None}):
+            pass
+        recovered = time.monotonic()
+        models_seen = []
+        while time.monotonic() - recovered < open_s + 1.0:
+            r = await stream_chat(s, gw.base, "main")
+            assert r.complete
+            models_seen.append(r.headers["X-Route-Model"])
+            if models_seen[-1] == "primary":
+                break
+            await asyncio.sleep(0.05)
+        back_after = time.monotonic() - recovered
+    assert models_seen[-1] == "primary", models_seen
+    assert back_after <= open_s + 0.5
+    assert gw.gateway.state.breaker(breaker_id).state == CLOSED
