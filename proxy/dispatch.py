@@ -4,7 +4,8 @@ For each candidate of the plan, in order, the balancer picks a deployment that i
 breaker admits and whose buckets have room; the attempt's failure is classified once and
 `errors.POLICY` says whether to retry the same deployment (once, after Retry-After or a
 short jittered backoff), try another deployment or candidate, or give the caller the
-provider's reason. Attempts per request are bounded by `server.max_attempts`.
+provider's reason. Attempts per request are bounded by `server.max_attempts`; a retry is
+only taken while the budget still leaves one attempt for every later candidate.
 
 Streaming commit point: nothing reaches the client until the upstream has sent its first
 content-bearing event; until then any failure moves to the next attempt unseen. After it,
@@ -108,8 +109,10 @@ class Dispatcher:
         prefill: str | None = None                  # text streamed so far, once continuing
         last_caller: UpstreamFailure | None = None
 
-        for candidate in ex.plan.candidates:
+        candidates = ex.plan.candidates
+        for position, candidate in enumerate(candidates):
             model = candidate.model
+            later = len(candidates) - position - 1      # a retry never costs these their attempt
             deployments, skip = self._usable(candidate, min_context, prefill)
             if skip is not None:
                 ex.decision.skipped.append({"model": model.name, "reason": skip})
@@ -158,7 +161,8 @@ class Dispatcher:
                     last_caller = failure
                     break
                 wait = self._retry_wait(failure, ex.deadline)
-                if policy.retry_same and choice.deployment.id not in retried and wait is not None and budget > 0:
+                if policy.retry_same and choice.deployment.id not in retried and wait is not None \
+                        and budget > later:
                     retried.add(choice.deployment.id)
                     pinned = choice.deployment
                     await self.sleep(wait)

@@ -318,3 +318,14 @@ async def test_auth_failure_opens_the_breaker_and_moves_on(fleet: Fleet, make_ga
     assert second.complete and second.headers["X-Route-Attempts"] == "1"
     assert len(fleet.sim.requests_for("p-401-n5")) == 1
     assert gw.gateway.state.breaker("primary/sim-openai/0").state == "open"
+
+
+async def test_retries_never_cost_a_later_candidate_its_attempt(fleet: Fleet, make_gateway: MakeGateway) -> None:
+    models = {"a": model_entry("a-503-n5"), "b": model_entry("b-503-n5"), "c": model_entry("c-n5")}
+    routes = {"chains": {"main": ["a", "b", "c"]}, "default": "main", "server": {"max_attempts": 4}}
+    gw = await make_gateway(models, routes, timeouts=TIMEOUTS)
+    records = capture(gw)
+    async with aiohttp.ClientSession() as s:
+        r = await stream_chat(s, gw.base, "main")
+    assert r.complete and r.headers["X-Route-Model"] == "c" and r.headers["X-Route-Attempts"] == "4"
+    assert [a.model for a in records[0].attempts] == ["a", "a", "b", "c"]
