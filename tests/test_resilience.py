@@ -173,7 +173,7 @@ async def test_inband_error_before_content_fails_over_unseen(fleet: Fleet, make_
     gw = await two_step(make_gateway, "p-inband-n5")
     async with aiohttp.ClientSession() as s:
         r = await stream_chat(s, gw.base, "main")
-    assert r.complete and r.text == expected_text(5) and not r.after_done
+    assert r.complete and r.text == expected_text(5) and not r.after_end
     assert r.headers["X-Route-Model"] == "backup"
     assert {c["model"] for c in r.chunks} == {"b-n5"}                # nothing of the failed stream leaked
     assert sum(1 for c in r.chunks if c.get("choices") and c["choices"][0]["delta"].get("role")) == 1
@@ -184,7 +184,7 @@ async def test_cut_after_content_ends_with_error_event_and_no_done(fleet: Fleet,
     records = capture(gw)
     async with aiohttp.ClientSession() as s:
         r = await stream_chat(s, gw.base, "main")
-    assert r.status == 200 and not r.done and r.error is not None and not r.after_done
+    assert r.status == 200 and not r.done and r.error is not None and not r.after_end
     assert r.text == expected_text(3)
     assert r.error["type"] == "upstream_error"
     assert not fleet.sim.requests_for("b-n5")                       # no continuation on this chain

@@ -1,0 +1,75 @@
+"""`llm-proxy chaos` against an OpenAI-only config and against the shipped files.
+
+Chaos starts its own simulator and gateways on 127.0.0.1, so these tests only write
+config files; the base URLs in them are replaced by the simulator's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
+CAPS = ["code", "json", "tools", "vision"]
+
+
+def openai_only(tmp_path: Path, chains: dict[str, Any], server: dict[str, Any] | None = None,
+                prefill: tuple[str, ...] = ()) -> list[str]:
+    models = {
+        name: {"tier": 2, "context_window": 128000, "price": {"input": 1.0, "output": 2.0},
+               "capabilities": CAPS + (["prefill"] if name in prefill else []),
+               "deployments": [{"provider": "oa", "model": f"{name}-up"}]}
+        for name in ("alpha", "beta", "gamma")
+    }
+    providers = {"oa": {"api": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key_env": "UNSET_KEY"}}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"providers": providers, "models": models}))
+    routes: dict[str, Any] = {"chains": chains, "default": next(iter(chains))}
+    if server:
+        routes["server"] = server
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(routes))
+    return ["--providers", str(tmp_path / "p.yaml"), "--routes", str(tmp_path / "r.yaml")]
+
+
+def test_every_step_of_an_openai_chain_triggers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["chaos", *openai_only(tmp_path, {"main": ["alpha", "beta", "gamma"]})])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "ok   alpha fail (503): expected complete stream from beta" in out
+    assert "ok   alpha, beta fail (429-ra0.2): expected complete stream from gamma" in out
+    assert "ok   every model fails (503): expected a clean error status; client saw HTTP 502" in out
+    assert "ok   alpha cut mid-stream: expected an error event and no [DONE]" in out
+    assert "4/4 steps passed" in out
+
+
+def test_a_step_that_cannot_trigger_fails_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # One attempt per request: the fallback can never happen, and chaos must say so.
+    code = main(["chaos", *openai_only(tmp_path, {"main": ["alpha", "beta"]}, server={"max_attempts": 1})])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL alpha fail (503): expected complete stream from beta; client saw HTTP 502" in out
+
+
+def test_continuation_chain_is_proved_with_the_whole_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    chains = {"main": {"models": ["alpha", "beta", "gamma"], "on_stream_failure": "continue"}}
+    code = main(["chaos", "--json", *openai_only(tmp_path, chains, prefill=("gamma",))])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert '"name": "alpha cut mid-stream"' in out and '"expect": "the whole text, continued"' in out
+
+
+def test_unknown_chain_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["chaos", "--chain", "nope", *openai_only(tmp_path, {"main": ["alpha", "beta"]})]) == 2
+    assert "unknown chain nope" in capsys.readouterr().err
+
+
+def test_shipped_routes_pass_with_the_registered_protocols(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["chaos", "--providers", str(ROOT / "providers.yaml"), "--routes", str(ROOT / "routes.yaml")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for chain in ("premium", "standard", "budget", "long-context"):
+        assert f"chain {chain}" in out
