@@ -151,3 +151,27 @@ async def test_traffic_moves_to_the_fallback_and_returns_after_recovery(fleet: F
     assert models_seen[-1] == "primary", models_seen
     assert back_after <= open_s + 0.5
     assert gw.gateway.state.breaker(breaker_id).state == CLOSED
+
+
+async def test_every_breaker_open_probes_the_one_open_longest(fleet: Fleet, make_gateway: MakeGateway) -> None:
+    models = {"a": model_entry("a-n4"), "b": model_entry("b-n4")}
+    routes = {"chains": {"both": ["a", "b"], "only-a": ["a"], "only-b": ["b"]}, "default": "both",
+              "server": {"breaker": {"consecutive": 1, "open_s": 60}}}
+    gw = await make_gateway(models, routes)
+    faults = f"http://127.0.0.1:{fleet.port}/_sim/faults"
+    async with aiohttp.ClientSession() as s:
+        for model in ("a-n4", "b-n4"):
+            async with s.post(faults, json={"model": model, "fault": "503"}):
+                pass
+        assert (await stream_chat(s, gw.base, "only-b")).status == 502      # b opens first
+        await asyncio.sleep(0.01)
+        assert (await stream_chat(s, gw.base, "only-a")).status == 502      # then a
+        for model in ("a-n4", "b-n4"):
+            async with s.post(faults, json={"model": model, "fault": None}):
+                pass
+        before = len(fleet.sim.seen)
+        r = await stream_chat(s, gw.base, "both")
+    assert r.complete and r.headers["X-Route-Model"] == "b" and r.headers["X-Route-Attempts"] == "1"
+    assert [seen.model for seen in fleet.sim.seen[before:]] == ["b-n4"]
+    assert gw.gateway.state.breaker("b/sim-openai/0").state == CLOSED
+    assert gw.gateway.state.breaker("a/sim-openai/0").state == OPEN

@@ -329,3 +329,24 @@ async def test_retries_never_cost_a_later_candidate_its_attempt(fleet: Fleet, ma
         r = await stream_chat(s, gw.base, "main")
     assert r.complete and r.headers["X-Route-Model"] == "c" and r.headers["X-Route-Attempts"] == "4"
     assert [a.model for a in records[0].attempts] == ["a", "a", "b", "c"]
+
+
+async def test_client_leaving_mid_stream_releases_the_upstream(fleet: Fleet, make_gateway: MakeGateway) -> None:
+    gw = await two_step(make_gateway, "p-gap100-n30")
+    records = capture(gw)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{gw.base}/chat/completions",
+                          json={"model": "main", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+                          ) as response:
+            assert response.status == 200
+            await response.content.readany()
+            response.close()                        # the client walks away after the first bytes
+        seen = fleet.sim.requests_for("p-gap100-n30")[0]
+        for _ in range(100):
+            if seen.disconnected_at is not None and records:
+                break
+            await asyncio.sleep(0.02)
+    assert seen.disconnected_at is not None and not seen.completed
+    assert [r.outcome for r in records] == ["client_disconnected"]
+    assert gw.gateway.state.stats("primary/sim-openai/0").in_flight == 0
+    assert gw.gateway.state.breaker("primary/sim-openai/0").state == "closed"
