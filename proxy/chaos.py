@@ -197,7 +197,7 @@ async def run_step(config: Config, sim: Simulator, chain: str, faults: dict[str,
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = runner.addresses[0][1]
         body = {"model": chain, "stream": True, "stream_options": {"include_usage": True},
                 "messages": [{"role": "user", "content": "chaos probe"}]}
         timeout = aiohttp.ClientTimeout(total=REQUEST_LIMIT_S)

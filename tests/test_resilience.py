@@ -350,3 +350,15 @@ async def test_client_leaving_mid_stream_releases_the_upstream(fleet: Fleet, mak
     assert [r.outcome for r in records] == ["client_disconnected"]
     assert gw.gateway.state.stats("primary/sim-openai/0").in_flight == 0
     assert gw.gateway.state.breaker("primary/sim-openai/0").state == "closed"
+
+
+def test_retry_after_forms() -> None:
+    from multidict import CIMultiDict
+
+    from proxy.providers import retry_after_s
+
+    assert retry_after_s(CIMultiDict({"retry-after-ms": "250", "Retry-After": "9"})) == 0.25
+    assert retry_after_s(CIMultiDict({"retry-after": "3"})) == 3.0
+    assert retry_after_s(CIMultiDict({"Retry-After": "Fri, 27 Nov 2026 10:00:30 GMT"}), now=1795773600.0) == 30.0
+    assert retry_after_s(CIMultiDict({"Retry-After": "soon"})) is None
+    assert retry_after_s(CIMultiDict()) is None
