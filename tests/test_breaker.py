@@ -8,11 +8,12 @@ import time
 
 import aiohttp
 import pytest
-from conftest import Fleet, MakeGateway, model_entry
-from streams import stream_chat
 
 from proxy.breaker import CLOSED, HALF_OPEN, OPEN, BreakerPolicy, CircuitBreaker
 from proxy.config import ConfigError
+
+from .conftest import Fleet, MakeGateway, model_entry
+from .streams import stream_chat
 
 POLICY = BreakerPolicy(consecutive=3, ratio=0.5, min_calls=6, window_s=10.0, open_s=2.0, max_open_s=8.0, probes=2)
 
@@ -103,9 +104,9 @@ def test_forced_probe_is_bounded_too() -> None:
 
 
 def test_breaker_policy_is_read_from_routes_yaml(tmp_path, fleet: Fleet) -> None:
-    from conftest import write_config
-
     from proxy import config as config_module
+
+    from .conftest import write_config
     routes = {"chains": {"main": ["m"]}, "default": "main",
               "server": {"breaker": {"consecutive": 2, "open_s": 0.5, "max_open_s": 1, "probes": 3}}}
     p, r = write_config(tmp_path, fleet, {"m": model_entry("m-n5")}, routes)

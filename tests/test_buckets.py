@@ -8,12 +8,13 @@ import time
 
 import aiohttp
 import pytest
-from conftest import Fleet, MakeGateway, model_entry
-from streams import plain_chat
 
 from proxy.balancer import Balancer, MemoryState, Refusal, Reservation, TokenBucket, reservation_tokens
 from proxy.breaker import BreakerPolicy
 from proxy.config import Deployment, Limits, Price, Provider, Timeouts
+
+from .conftest import Fleet, MakeGateway, model_entry
+from .streams import plain_chat
 
 
 def provider(name: str = "acct", limits: Limits = Limits()) -> Provider:

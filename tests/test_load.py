@@ -13,11 +13,12 @@ import collections
 import time
 
 import aiohttp
-from conftest import Fleet, MakeGateway, model_entry
-from streams import expected_text, stream_chat
 
 from proxy.breaker import BreakerPolicy
 from proxy.decisions import Decision
+
+from .conftest import Fleet, MakeGateway, model_entry
+from .streams import expected_text, stream_chat
 
 REQUESTS = 2000
 CONCURRENCY = 50

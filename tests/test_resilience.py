@@ -12,10 +12,11 @@ import time
 from typing import Any
 
 import aiohttp
-from conftest import Fleet, MakeGateway, RunningGateway, model_entry
-from streams import expected_text, plain_chat, stream_chat
 
 from proxy.decisions import Decision
+
+from .conftest import Fleet, MakeGateway, RunningGateway, model_entry
+from .streams import expected_text, plain_chat, stream_chat
 
 TIMEOUTS = {"connect_s": 1, "first_token_s": 0.6, "idle_s": 0.6, "total_s": 30}
 
