@@ -139,7 +139,9 @@ class Dispatcher:
                 if outcome is None or isinstance(outcome, bytes):
                     return outcome
                 if isinstance(outcome, StreamBroken):
-                    if chain is None or chain.on_stream_failure != "continue" or client is None:
+                    # Only text can be continued: a broken tool call or an empty answer ends here.
+                    if chain is None or chain.on_stream_failure != "continue" or client is None \
+                            or not outcome.text:
                         await self._end_with_error(ex, client, outcome.failure)
                         return None
                     prefill = (prefill or "") + "".join(outcome.text)

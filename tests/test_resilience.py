@@ -363,3 +363,17 @@ def test_retry_after_forms() -> None:
     assert retry_after_s(CIMultiDict({"Retry-After": "Fri, 27 Nov 2026 10:00:30 GMT"}), now=1795773600.0) == 30.0
     assert retry_after_s(CIMultiDict({"Retry-After": "soon"})) is None
     assert retry_after_s(CIMultiDict()) is None
+
+
+async def test_a_cut_tool_call_is_never_continued(fleet: Fleet, make_gateway: MakeGateway) -> None:
+    caps = ["code", "json", "tools", "vision", "prefill"]
+    models = {"primary": model_entry("p-cut2-n8", capabilities=caps),
+              "prefiller": model_entry("c-n8", capabilities=caps)}
+    routes = {"chains": {"main": {"models": ["primary", "prefiller"], "on_stream_failure": "continue"}},
+              "default": "main"}
+    gw = await make_gateway(models, routes, timeouts=TIMEOUTS)
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    async with aiohttp.ClientSession() as s:
+        r = await stream_chat(s, gw.base, "main", tools=tools)
+    assert r.status == 200 and r.error is not None and not r.done
+    assert not fleet.sim.requests_for("c-n8")
