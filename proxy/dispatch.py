@@ -260,6 +260,7 @@ class Dispatcher:
         except UpstreamFailure as failure:
             verdict = "fail" if POLICY[failure.kind].breaker else None
             failure_hold = failure.retry_after
+            used_tokens = 0                 # refused before any output: nothing was spent
             self._failed(record, failure, deployment)
             if failure.kind is FailureClass.AUTH:
                 breaker.trip(self.clock(), AUTH_OPEN_S)

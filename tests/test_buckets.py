@@ -160,3 +160,21 @@ async def test_rpm_burst_overflows_to_the_fallback_without_a_429(fleet: Fleet, m
     assert 55 <= to_primary <= allowed
     assert sum(1 for _, m in results if m == "primary") == to_primary
     assert len(fleet.sim.requests_for("b-n3")) == 100 - to_primary
+
+
+async def test_tpm_is_settled_with_real_usage_and_failures_give_the_reservation_back(
+        fleet: Fleet, make_gateway: MakeGateway) -> None:
+    ok, failing = model_entry("p-n5"), model_entry("f-503-n5")
+    ok["deployments"][0]["limits"] = {"tpm": 100000}
+    failing["deployments"][0]["limits"] = {"tpm": 100000}
+    gw = await make_gateway({"ok": ok, "failing": failing, "backup": model_entry("b-n5")},
+                            {"chains": {"main": ["ok"], "bad": ["failing", "backup"]}, "default": "main"})
+    async with aiohttp.ClientSession() as s:
+        status, _, body = await plain_chat(s, gw.base, "main", max_tokens=3000)
+        assert status == 200
+        status, _, _ = await plain_chat(s, gw.base, "bad", max_tokens=3000)
+        assert status == 200
+    buckets = gw.gateway.state.buckets                 # type: ignore[attr-defined]
+    spent = 100000 - buckets["deployment:ok/sim-openai/0:tpm"].level
+    assert 0 <= spent <= body["usage"]["total_tokens"]         # not the 3,000 reserved (the bucket refills)
+    assert 100000 - buckets["deployment:failing/sim-openai/0:tpm"].level < 1
