@@ -247,7 +247,7 @@ class Dispatcher:
             if client is None:
                 body, usage = await self._plain(adapter, deployment, request, record, ex.deadline)
             else:
-                usage = await self._streamed(ex, adapter, candidate, deployment, request, record, client)
+                usage = await self._streamed(ex, adapter, candidate, deployment, request, record, client, prefill)
                 body = None
             verdict = "ok"
             used_tokens = usage.total_tokens if usage else None
@@ -331,7 +331,8 @@ class Dispatcher:
         return adapter.parse(payload, deployment)
 
     async def _streamed(self, ex: Exchange, adapter: Adapter, candidate: Candidate, deployment: Deployment,
-                        request: Any, record: AttemptRecord, client: ClientStream) -> Usage | None:
+                        request: Any, record: AttemptRecord, client: ClientStream, prefill: str | None
+                        ) -> Usage | None:
         timeouts = deployment.provider.timeouts
         # The text is always collected (a list append per content event): it prices an attempt that
         # broke before its usage arrived, and it is the prefill when a chain continues a broken stream.
@@ -364,6 +365,8 @@ class Dispatcher:
                 ex.decision.served_provider = deployment.provider.name
                 await client.commit(self.route_headers(ex, candidate, deployment))
                 ex.decision.ttft_ms = round((self.clock() - ex.decision.started) * 1000, 3)
+            if prefill and prefill[-1].isspace():
+                pending = trim_seam(pending, translator.text)
             if pending:
                 await client.write(b"".join(frame(p) for p in pending))
 
@@ -427,6 +430,32 @@ def answer_chars(body: bytes) -> int:
         return sum(len(c["message"].get("content") or "") for c in choices if isinstance(c.get("message"), dict))
     except (orjson.JSONDecodeError, AttributeError, TypeError):
         return 0
+
+
+def trim_seam(payloads: list[bytes], text: list[str]) -> list[bytes]:
+    """Strip leading whitespace from a continuation's first content, once.
+
+    Some protocols cannot take a prefill ending in whitespace (Anthropic rejects it, so its
+    adapter trims it) and the model then starts with that whitespace again: the client,
+    who already has it, would see it twice at the seam. Runs once per continuation.
+    """
+    out: list[bytes] = []
+    for i, payload in enumerate(payloads):
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            out.append(payload)
+            continue
+        for choice in chunk.get("choices") or () if isinstance(chunk, dict) else ():
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if content:
+                delta["content"] = content.lstrip()
+                if text:
+                    text[0] = text[0].lstrip()
+                return [*out, orjson.dumps(chunk), *payloads[i + 1:]]
+        out.append(payload)
+    return out
 
 
 def final_error(attempts: list[AttemptRecord], caller: UpstreamFailure | None,

@@ -67,9 +67,11 @@ def test_unknown_chain_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "unknown chain nope" in capsys.readouterr().err
 
 
-def test_shipped_routes_pass_with_the_registered_protocols(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["chaos", "--providers", str(ROOT / "providers.yaml"), "--routes", str(ROOT / "routes.yaml")])
+def test_shipped_standard_chain_passes_across_protocols(capsys: pytest.CaptureFixture[str]) -> None:
+    # `standard` spans anthropic, openai and gemini; the other chains run in `llm-proxy chaos` itself.
+    code = main(["chaos", "--chain", "standard", "--providers", str(ROOT / "providers.yaml"),
+                 "--routes", str(ROOT / "routes.yaml")])
     out = capsys.readouterr().out
     assert code == 0, out
-    for chain in ("premium", "standard", "budget", "long-context"):
-        assert f"chain {chain}" in out
+    assert "chain standard" in out and "FAIL" not in out
+    assert "fail (503): expected complete stream from gpt-4.1" in out

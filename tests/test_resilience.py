@@ -377,3 +377,20 @@ async def test_a_cut_tool_call_is_never_continued(fleet: Fleet, make_gateway: Ma
         r = await stream_chat(s, gw.base, "main", tools=tools)
     assert r.status == 200 and r.error is not None and not r.done
     assert not fleet.sim.requests_for("c-n8")
+
+
+async def test_continuation_across_protocols(fleet: Fleet, make_gateway: MakeGateway) -> None:
+    caps = ["code", "json", "tools", "vision", "prefill"]
+    models = {"primary": model_entry("p-cut3-n8", capabilities=caps),
+              "claude": model_entry("c-n8", provider="sim-anthropic", capabilities=caps)}
+    routes = {"chains": {"main": {"models": ["primary", "claude"], "on_stream_failure": "continue"}},
+              "default": "main"}
+    gw = await make_gateway(models, routes, timeouts=TIMEOUTS)
+    async with aiohttp.ClientSession() as s:
+        r = await stream_chat(s, gw.base, "main")
+    assert r.complete and r.text == expected_text(8)
+    (continued,) = fleet.sim.requests_for("c-n8")
+    assert continued.protocol == "anthropic"
+    last = continued.body["messages"][-1]
+    text = last["content"] if isinstance(last["content"], str) else "".join(p["text"] for p in last["content"])
+    assert last["role"] == "assistant" and text.strip() == expected_text(3).strip()
