@@ -8,8 +8,7 @@ blocks); images become base64 or url sources; tools, `tool_choice`, `stop`,
 DEFAULT_MAX_TOKENS when the caller sets none, which every current Claude model accepts)
 are mapped. A continuation's `prefill` is a trailing assistant turn, without trailing
 whitespace, which the API rejects; the model's next words usually bring that whitespace
-back, so a continued answer may repeat a space at the seam (the translator is not told
-the prefill, so it cannot trim it).
+back, and dispatch (which knows the prefill) drops it once at the seam (`trim_seam`).
 
 JSON output: Messages has no `response_format`, so `json_object` and `json_schema` add
 a system instruction to answer with one JSON object only (quoting the schema for
