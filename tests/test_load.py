@@ -44,21 +44,22 @@ CHAINS = {
 
 def models() -> dict[str, dict[str, object]]:
     caps = ["code", "json", "tools", "vision"]
-    a, b = "sim-openai", "sim-other"          # two provider accounts
+    # Two OpenAI accounts, Anthropic and Gemini: every fault is seen through more than one protocol.
+    a, b, c, g = "sim-openai", "sim-other", "sim-anthropic", "sim-gemini"
     return {
         "m503": model_entry(f"m-503-n{TOKENS}", a),
-        "m500": model_entry(f"m-500-n{TOKENS}", b),
-        "minband": model_entry(f"m-inband-n{TOKENS}", b),
-        "mcut": model_entry(f"m-cut4-n{TOKENS}", a, capabilities=caps + ["prefill"]),
-        "mgarbage": model_entry(f"m-garbage-n{TOKENS}", b),
-        "mnodone": model_entry(f"m-nodone-n{TOKENS}", a),
-        "mstall": model_entry(f"m-stall4-n{TOKENS}", b),
-        "mhang": model_entry("m-hang", a),
-        "m429": model_entry(f"m-429-ra0.05-n{TOKENS}", b),
+        "m500": model_entry(f"m-500-n{TOKENS}", g),
+        "minband": model_entry(f"m-inband-n{TOKENS}", c),
+        "mcut": model_entry(f"m-cut4-n{TOKENS}", g, capabilities=caps + ["prefill"]),
+        "mgarbage": model_entry(f"m-garbage-n{TOKENS}", c),
+        "mnodone": model_entry(f"m-nodone-n{TOKENS}", g),
+        "mstall": model_entry(f"m-stall4-n{TOKENS}", c),
+        "mhang": model_entry("m-hang", b),
+        "m429": model_entry(f"m-429-ra0.05-n{TOKENS}", c),
         "ok_a": model_entry(f"oka-n{TOKENS}", a),
-        "ok_b": model_entry(f"okb-n{TOKENS}", b),
-        "plain": model_entry(f"plain-n{TOKENS}", a, capabilities=caps),
-        "prefill_b": model_entry(f"pre-n{TOKENS}", b, capabilities=caps + ["prefill"]),
+        "ok_b": model_entry(f"okb-n{TOKENS}", g),
+        "plain": model_entry(f"plain-n{TOKENS}", b, capabilities=caps),
+        "prefill_b": model_entry(f"pre-n{TOKENS}", c, capabilities=caps + ["prefill"]),
     }
 
 
