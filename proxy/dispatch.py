@@ -370,7 +370,9 @@ class Dispatcher:
             if pending:
                 await client.write(b"".join(frame(p) for p in pending))
 
-            # Phase 2: bytes flow as they arrive; the idle timer restarts on every read.
+            # Phase 2: bytes flow as they arrive; the idle timer restarts on every read. It is off
+            # while writing: a slow client is not a stalled upstream, and a cancelled write would
+            # leave half a frame before the error event.
             try:
                 async with asyncio.timeout(timeouts.idle_s) as idle:
                     while not translator.finished:
@@ -379,6 +381,7 @@ class Dispatcher:
                             break
                         out = [frame(p) for ev in parser.feed(chunk) for p in translator.feed(ev.name, ev.data)]
                         if out:
+                            idle.reschedule(None)
                             await client.write(out[0] if len(out) == 1 else b"".join(out))
                         idle.reschedule(loop.time() + min(timeouts.idle_s, end_total - self.clock()))
             except TimeoutError:

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.chaos import read_sse_answer
 from proxy.decisions import Decision
 
 from .conftest import Fleet, MakeGateway, RunningGateway, model_entry
@@ -394,3 +395,16 @@ async def test_continuation_across_protocols(fleet: Fleet, make_gateway: MakeGat
     last = continued.body["messages"][-1]
     text = last["content"] if isinstance(last["content"], str) else "".join(p["text"] for p in last["content"])
     assert last["role"] == "assistant" and text.strip() == expected_text(3).strip()
+
+
+async def test_a_slow_client_is_not_mistaken_for_a_stalled_upstream(fleet: Fleet, make_gateway: MakeGateway) -> None:
+    gw = await two_step(make_gateway, "p-n20000")
+    async with aiohttp.ClientSession(read_bufsize=2**16) as s:
+        async with s.post(f"{gw.base}/chat/completions",
+                          json={"model": "main", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+                          ) as response:
+            first = await response.content.readany()
+            await asyncio.sleep(TIMEOUTS["idle_s"] * 3)     # the client stops reading; buffers fill up
+            raw = first + await response.read()
+    r = read_sse_answer(200, {}, raw)
+    assert r.complete and r.text == expected_text(20000)
