@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 import pytest
@@ -107,7 +108,7 @@ def test_breaker_policy_is_read_from_routes_yaml(tmp_path, fleet: Fleet) -> None
     from proxy import config as config_module
 
     from .conftest import write_config
-    routes = {"chains": {"main": ["m"]}, "default": "main",
+    routes: dict[str, Any] = {"chains": {"main": ["m"]}, "default": "main",
               "server": {"breaker": {"consecutive": 2, "open_s": 0.5, "max_open_s": 1, "probes": 3}}}
     p, r = write_config(tmp_path, fleet, {"m": model_entry("m-n5")}, routes)
     policy = config_module.load(p, r, {}).server.breaker

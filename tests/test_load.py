@@ -72,7 +72,7 @@ async def test_two_thousand_streams_through_faults_end_complete_or_clean(fleet: 
     gw = await make_gateway(models(), {"chains": chains, "default": "overloaded"}, timeouts=TIMEOUTS,
                             providers=other)
     records: list[Decision] = []
-    gw.gateway.decisions.record = records.append      # type: ignore[method-assign]
+    gw.gateway.decisions.record = records.append      # type: ignore[method-assign, assignment]
     fleet.sim.record = False
     names = list(CHAINS)
     counts: collections.Counter[str] = collections.Counter()

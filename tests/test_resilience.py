@@ -25,7 +25,7 @@ TIMEOUTS = {"connect_s": 1, "first_token_s": 0.6, "idle_s": 0.6, "total_s": 30}
 def capture(gw: RunningGateway) -> list[Decision]:
     """The decision records of a gateway, as they are finished."""
     records: list[Decision] = []
-    gw.gateway.decisions.record = records.append     # type: ignore[method-assign]
+    gw.gateway.decisions.record = records.append     # type: ignore[method-assign, assignment]
     return records
 
 
