@@ -30,7 +30,7 @@ from .balancer import Balancer, Refusal, Reservation, reservation_tokens
 from .config import Chain, Deployment, ServerSettings
 from .decisions import CLIENT_DISCONNECTED, AttemptRecord, Decision
 from .errors import POLICY, FailureClass, GatewayError, UpstreamFailure, error_body, redact
-from .providers import Adapter
+from .providers import Adapter, UpstreamRequest
 from .router import Candidate, Plan
 from .signals import Signals
 from .sse import DONE_FRAME, SSEParser, frame
@@ -108,6 +108,7 @@ class Dispatcher:
         min_context = 0                             # after context_length_exceeded: a larger window
         prefill: str | None = None                  # text streamed so far, once continuing
         last_caller: UpstreamFailure | None = None
+        unsendable: UpstreamFailure | None = None   # a protocol could not express the request
 
         candidates = ex.plan.candidates
         for position, candidate in enumerate(candidates):
@@ -134,8 +135,14 @@ class Dispatcher:
                         open_longest = self._older(open_longest, choice.longest_open)
                     break
                 pinned = None
+                request = self._build(ex, choice, prefill)
+                if isinstance(request, UpstreamFailure):    # this protocol cannot express the request
+                    ex.decision.skipped.append({"model": model.name, "reason": request.message})
+                    unsendable = unsendable or request
+                    excluded.add(choice.deployment.id)
+                    continue
                 budget -= 1
-                outcome = await self._attempt(ex, candidate, choice, client, prefill)
+                outcome = await self._attempt(ex, candidate, choice, request, client, prefill)
                 if outcome is None or isinstance(outcome, bytes):
                     return outcome
                 if isinstance(outcome, StreamBroken):
@@ -177,8 +184,9 @@ class Dispatcher:
             # Every candidate's breaker is open: probe the one open longest rather than fail untried.
             candidate = next(c for c in ex.plan.candidates if open_longest in c.deployments)
             reservation = self.balancer.force(open_longest, tokens, self.clock())
-            if reservation is not None:
-                outcome = await self._attempt(ex, candidate, reservation, client, None)
+            probe = None if reservation is None else self._build(ex, reservation, None)
+            if reservation is not None and isinstance(probe, UpstreamRequest):
+                outcome = await self._attempt(ex, candidate, reservation, probe, client, None)
                 if outcome is None or isinstance(outcome, bytes):
                     return outcome
                 if isinstance(outcome, StreamBroken):
@@ -188,6 +196,8 @@ class Dispatcher:
             await self._end_with_error(ex, client, UpstreamFailure(
                 FailureClass.PROTOCOL, "no candidate could continue the interrupted answer"))
             return None
+        if last_caller is None and not ex.decision.attempts:
+            last_caller = unsendable
         raise final_error(ex.decision.attempts, last_caller, rate_limited_wait)
 
     def _usable(self, candidate: Candidate, min_context: int, prefill: str | None
@@ -228,8 +238,20 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ one attempt
 
+    def _build(self, ex: Exchange, reservation: Reservation, prefill: str | None
+               ) -> UpstreamRequest | UpstreamFailure:
+        """The upstream request, or why this protocol cannot express it (then the reservation
+        is given back: nothing was sent, so it is not an attempt)."""
+        deployment = reservation.deployment
+        try:
+            return self.adapters[deployment.provider.api].build(deployment, ex.body, ex.signals.stream, prefill)
+        except UpstreamFailure as failure:
+            self.state.breaker(deployment.id).release_probe()
+            self.balancer.settle(reservation, 0, self.clock())
+            return failure
+
     async def _attempt(self, ex: Exchange, candidate: Candidate, reservation: Reservation,
-                       client: ClientStream | None, prefill: str | None
+                       request: UpstreamRequest, client: ClientStream | None, prefill: str | None
                        ) -> bytes | None | UpstreamFailure | StreamBroken:
         deployment = reservation.deployment
         adapter = self.adapters[deployment.provider.api]
@@ -241,7 +263,6 @@ class Dispatcher:
         verdict: str | None = None          # "ok" | "fail" | None (no verdict: client left)
         failure_hold: float | None = None   # a Retry-After that came with a failure: the open interval
         try:
-            request = adapter.build(deployment, ex.body, ex.signals.stream, prefill)
             if ex.decision.overhead_ms is None:
                 ex.decision.overhead_ms = round((self.clock() - ex.decision.started) * 1000, 3)
             if client is None:

@@ -408,3 +408,19 @@ async def test_a_slow_client_is_not_mistaken_for_a_stalled_upstream(fleet: Fleet
             raw = first + await response.read()
     r = read_sse_answer(200, {}, raw)
     assert r.complete and r.text == expected_text(20000)
+
+
+async def test_a_request_one_protocol_cannot_express_goes_to_a_candidate_that_can(
+        fleet: Fleet, make_gateway: MakeGateway) -> None:
+    models = {"claude": model_entry("c-n5", provider="sim-anthropic"), "gpt": model_entry("g-n5")}
+    routes = {"chains": {"main": ["claude", "gpt"], "only-claude": ["claude"]}, "default": "main"}
+    gw = await make_gateway(models, routes, timeouts=TIMEOUTS)
+    records = capture(gw)
+    async with aiohttp.ClientSession() as s:
+        status, headers, body = await plain_chat(s, gw.base, "main", n=2)
+        assert status == 200 and headers["X-Route-Model"] == "gpt" and headers["X-Route-Attempts"] == "1"
+        status, headers, body = await plain_chat(s, gw.base, "only-claude", n=2)
+    assert status == 400 and body["error"]["code"] == "unsupported_parameter" and "n > 1" in body["error"]["message"]
+    assert not fleet.sim.requests_for("c-n5")
+    assert records[0].skipped[-1]["model"] == "claude" and not records[1].attempts
+    assert gw.gateway.state.stats("claude/sim-anthropic/0").in_flight == 0
