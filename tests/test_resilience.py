@@ -350,6 +350,7 @@ async def test_client_leaving_mid_stream_releases_the_upstream(fleet: Fleet, mak
             await asyncio.sleep(0.02)
     assert seen.disconnected_at is not None and not seen.completed
     assert [r.outcome for r in records] == ["client_disconnected"]
+    assert [a.failure for a in records[0].attempts] == ["client_disconnected"]
     assert gw.gateway.state.stats("primary/sim-openai/0").in_flight == 0
     assert gw.gateway.state.breaker("primary/sim-openai/0").state == "closed"
 
