@@ -303,8 +303,6 @@ class Dispatcher:
                 breaker.record_failure(now, failure_hold)
             else:
                 breaker.release_probe()
-                if record.failure is None:
-                    record.failure = "client_disconnected"      # cancelled mid-attempt: not a success
             self.balancer.settle(reservation, used_tokens, now)
 
     def _failed(self, record: AttemptRecord, failure: UpstreamFailure, deployment: Deployment) -> None:
