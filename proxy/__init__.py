@@ -25,6 +25,7 @@ A map of the package, a line per module:
   logs          structured JSON logs
   systemd       `llm-proxy systemd-unit`: a hardened service unit for this install
   demo          the gateway in front of the simulated fleet
+  chaos         `llm-proxy chaos`: fail each step of every chain against the simulator, report
   providers/    one pure adapter per wire protocol: openai, anthropic, gemini
   simulator/    the fake provider fleet used by tests, bench and demo
 """
