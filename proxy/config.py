@@ -395,7 +395,8 @@ def _condition(signal: str, node: _Node) -> list[Condition]:
         else:
             if signal not in NUMERIC_SIGNALS:
                 raise arg.error(f"'{op}' needs a numeric signal ({', '.join(NUMERIC_SIGNALS)})")
-            out.append(Condition(signal, op, arg.number(minimum=-1e18)))
+            bound = arg.number(minimum=-1e18)
+            out.append(Condition(signal, op, int(bound) if bound.is_integer() else bound))   # 1000, not 1000.0
     return out
 
 
