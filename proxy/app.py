@@ -9,6 +9,7 @@ deadline, the decision log is flushed, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import logging
 import os
@@ -128,6 +129,10 @@ async def run_server(config: Config, host: str, port: int, reuse_port: bool = Fa
     else:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=2048)
     await site.start()
+    # Everything alive now (modules, config, app) lives as long as the process; frozen, it
+    # is skipped by every later collection, so a full collection stops costing ~5 ms (the
+    # p99 of a request that happens to trigger one) and forked workers share these pages.
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
