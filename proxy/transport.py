@@ -31,6 +31,8 @@ class Transport:
                 connector=connector,
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=provider.timeouts.connect_s),
                 auto_decompress=True,
+                cookie_jar=aiohttp.DummyCookieJar(),    # one session serves every client: never
+                                                        # replay one caller's upstream cookies to another
                 skip_auto_headers=("User-Agent",),
             )
             self._sessions[key] = session
