@@ -352,8 +352,20 @@ async def phase_memory(fleet: Fleet, paths: Paths, s: Settings) -> dict[str, Any
             "errors": errors}
 
 
-async def one_run(fleet: Fleet, paths: Paths, s: Settings, index: int) -> dict[str, Any]:
+async def one_run(s: Settings, cores: dict[str, list[int] | None], index: int) -> dict[str, Any]:
+    """One run on fresh processes, so that no run inherits another's heap."""
+    fleet = Fleet(s, cores)
+    try:
+        fleet.start()
+        await fleet.wait_ready()
+        return await measure(fleet, Paths(fleet, s), s, index)
+    finally:
+        fleet.stop()
+
+
+async def measure(fleet: Fleet, paths: Paths, s: Settings, index: int) -> dict[str, Any]:
     order = ["direct", "gateway"] if index % 2 == 0 else ["gateway", "direct"]
+    result: dict[str, Any] = {}
     connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
         for path in order:         # warm the pools, the caches and both servers
@@ -361,12 +373,12 @@ async def one_run(fleet: Fleet, paths: Paths, s: Settings, index: int) -> dict[s
             await closed_loop(lambda t=target: send(session, t), 8, s.warmup, 10)
             stream_target = paths.paced[path]
             await closed_loop(lambda t=stream_target: send(session, t), 4, 8, 10)
-        result: dict[str, Any] = {}
+        # Memory first: later phases leave freed heap behind that would hide what streams cost.
+        result["memory"] = await phase_memory(fleet, paths, s)
         for rate in s.rates:
             result[f"latency_{rate}rps"] = await phase_latency(session, paths, order, rate, s)
         result["throughput"] = await phase_throughput(session, paths, order, s)
         result["streaming"] = await phase_streaming(session, paths, order, s)
-    result["memory"] = await phase_memory(fleet, paths, s)
     return result
 
 
@@ -387,14 +399,7 @@ async def run(s: Settings, runs: int) -> dict[str, Any]:
     cores = core_plan(s.workers)
     if cores["client"]:
         os.sched_setaffinity(0, set(cores["client"]))
-    fleet = Fleet(s, cores)
-    try:
-        fleet.start()
-        await fleet.wait_ready()
-        paths = Paths(fleet, s)
-        results = [await one_run(fleet, paths, s, i) for i in range(runs)]
-    finally:
-        fleet.stop()
+    results = [await one_run(s, cores, i) for i in range(runs)]
     folded = across_runs(results) if runs > 1 else results[0]
     return {"bench": "overhead", "runs": runs, "machine": machine(cores),
             "settings": {k: v for k, v in vars(s).items()}, **folded}
