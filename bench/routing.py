@@ -14,6 +14,7 @@ bound, whichever comes first.
 from __future__ import annotations
 
 import argparse
+import gc
 import random
 import sys
 import tempfile
@@ -188,6 +189,8 @@ def time_config(config: Config, mix: list[Sample], iterations: int, max_seconds:
 
     for sample in mix * 200:                     # warm-up: caches, branch predictors, allocator
         route_one(sample)
+    gc.collect()
+    gc.freeze()             # as `serve` does: the long-lived heap is not rescanned by full collections
     rules = {s.kind: route_one(s) for s in mix}
     samples: list[int] = []
     by_kind: dict[str, list[int]] = {s.kind: [] for s in mix}

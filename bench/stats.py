@@ -42,7 +42,7 @@ def across_runs(runs: Sequence[Any]) -> Any:
             out[key] = across_runs(values)
             if len(runs) > 1 and all(_is_number(v) for v in values):
                 finite = [v for v in values if not math.isnan(v)]
-                if finite:
+                if finite and min(finite) != max(finite):
                     out[f"{key}_spread"] = [min(finite), max(finite)]
         return out
     if _is_number(first):
