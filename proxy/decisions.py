@@ -42,6 +42,7 @@ CLOSE_TIMEOUT_S = 30.0          # a writer stuck on a full pipe must not keep th
 QUEUE_LIMIT = 100_000           # records waiting for the writer; beyond it they are counted as dropped
 _PIPE_CHUNK = 4096              # PIPE_BUF: writes this small never interleave between workers
 _FILE_CHUNK = 1 << 20
+BATCH_WINDOW_S = 0.02           # records gather this long, so the thread hop is per batch, not per request
 
 
 def _stdout_fd() -> int:
@@ -264,6 +265,8 @@ class DecisionLog:
         assert queue is not None
         while True:
             batch = [await queue.get()]
+            if batch[0] is not None:
+                await asyncio.sleep(BATCH_WINDOW_S)
             while not queue.empty():
                 batch.append(queue.get_nowait())
             records = [r for r in batch if r is not None]
