@@ -108,6 +108,18 @@ def rss_kb(pid: int) -> int:
     return total
 
 
+def cpu_ns(pid: int) -> int:
+    """CPU time used so far by every thread of a process and its children (schedstat, ns)."""
+    total = 0
+    for p in [pid, *_children(pid)]:
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+                continue
+    return total
+
+
 def _children(pid: int) -> list[int]:
     try:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
@@ -247,6 +259,8 @@ class Paths:
     """The same request, sent direct to the simulator and through the gateway."""
 
     def __init__(self, fleet: Fleet, settings: Settings) -> None:
+        assert fleet.gateway is not None
+        self.gateway_pid = fleet.gateway.pid
         sim, gw = f"http://127.0.0.1:{fleet.sim_port}", f"http://127.0.0.1:{fleet.gateway_port}"
         json = {"Content-Type": "application/json"}
         self.plain = {"direct": Target(f"{sim}/openai/v1/chat/completions", body(INSTANT, False), json),
@@ -270,14 +284,23 @@ def _ms(results: list[Result]) -> dict[str, float]:
     return {"p50_ms": s["p50"], "p99_ms": s["p99"], "n": s["n"], "errors": _errors(results)}
 
 
+def _cpu_per_request(paths: Paths, before_ns: int, results: list[Result]) -> float:
+    """The gateway's CPU time per request over a phase: unlike latency and throughput it
+    hardly moves when other processes compete for the cores, so it compares code changes."""
+    return round((cpu_ns(paths.gateway_pid) - before_ns) / 1000 / max(1, len(results)), 1)
+
+
 async def phase_latency(session: aiohttp.ClientSession, paths: Paths, order: list[str], rate: int,
                         s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path in order:
         target = paths.plain[path]
+        cpu = cpu_ns(paths.gateway_pid)
         results, lateness = await open_loop(lambda t=target: send(session, t), rate, int(rate * s.rate_seconds) + 1,
                                             s.rate_seconds)
         out[path] = {**_ms(results), "send_lateness_ms": round(lateness * 1000, 3)}
+        if path == "gateway":
+            out[path]["cpu_us_per_request"] = _cpu_per_request(paths, cpu, results)
     out["added_p50_ms"] = round(out["gateway"]["p50_ms"] - out["direct"]["p50_ms"], 3)
     out["added_p99_ms"] = round(out["gateway"]["p99_ms"] - out["direct"]["p99_ms"], 3)
     return out
@@ -288,10 +311,13 @@ async def phase_throughput(session: aiohttp.ClientSession, paths: Paths, order: 
     out: dict[str, Any] = {}
     for path in order:
         target = paths.plain[path]
+        cpu = cpu_ns(paths.gateway_pid)
         results, elapsed = await closed_loop(lambda t=target: send(session, t), s.concurrency, 10_000_000,
                                              s.throughput_seconds)
         ok = len(results) - _errors(results)
         out[path] = {"rps": round(ok / elapsed, 1), "errors": _errors(results)}
+        if path == "gateway":
+            out[path]["cpu_us_per_request"] = _cpu_per_request(paths, cpu, results)
     out["ratio"] = ratio(out["gateway"]["rps"], out["direct"]["rps"])
     return out
 
@@ -428,6 +454,8 @@ def markdown(result: dict[str, Any]) -> str:
     t = result["throughput"]
     rows.append(f"| throughput at concurrency {result['settings']['concurrency']} (rps) | {t['direct']['rps']:g} | "
                 f"{t['gateway']['rps']:g}{_spread(t['gateway'], 'rps')} | x{t['ratio']:g} | >= 3000 |")
+    rows.append(f"| gateway CPU per request at concurrency {result['settings']['concurrency']} (µs) | | "
+                f"{t['gateway']['cpu_us_per_request']:g}{_spread(t['gateway'], 'cpu_us_per_request')} | | |")
     st = result["streaming"]
     d, g = st["direct"], st["gateway"]
     rows.append(f"| stream TTFT p50 (ms) | {d['ttft_p50_ms']:g} | {g['ttft_p50_ms']:g} | "
