@@ -188,20 +188,16 @@ class Fleet:
         self.gateway_port = 0
         self.gateway: subprocess.Popen[bytes] | None = None
         self.simulator: subprocess.Popen[bytes] | None = None
+        self.bare: subprocess.Popen[bytes] | None = None
+        self.bare_port = 0
 
     def start(self) -> None:
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, SIM_KEY_ENV: "sk-bench-not-a-secret", "PYTHONPATH": str(root)}
-        sim_log = open(self.dir / "simulator.log", "wb")
-        self.simulator = subprocess.Popen(
-            pinned([sys.executable, "-m", "bench.simserver", "--port", "0"], self.cores["simulator"]),
-            stdout=subprocess.PIPE, stderr=sim_log, env=env, cwd=root)
-        self.procs.append(self.simulator)
-        assert self.simulator.stdout is not None
-        line = self.simulator.stdout.readline().decode()
-        if not line.startswith("ready "):
-            raise RuntimeError(f"simulator did not start: {line!r}; see {self.dir / 'simulator.log'}")
-        self.sim_port = int(line.split()[1])
+        self.simulator, self.sim_port = self._spawn_ready("simulator", ["bench.simserver"], env, root)
+        self.bare, self.bare_port = self._spawn_ready("bareproxy", [
+            "bench.bareproxy", "--upstream", f"http://127.0.0.1:{self.sim_port}/openai/v1/chat/completions"],
+            env, root, self.cores["gateway"])
         providers, routes = write_config(self.dir, self.sim_port, self.settings)
         self.gateway_port = free_port()
         gw_log = open(self.dir / "gateway.log", "wb")
@@ -211,6 +207,20 @@ class Fleet:
         self.gateway = subprocess.Popen(pinned(command, self.cores["gateway"]), stdout=subprocess.DEVNULL,
                                         stderr=gw_log, env=env, cwd=self.dir)
         self.procs.append(self.gateway)
+
+    def _spawn_ready(self, name: str, module: list[str], env: dict[str, str], root: Path,
+                     cores: list[int] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+        """Start a bench server that prints `ready <port>`; its stderr goes to NAME.log."""
+        log = open(self.dir / f"{name}.log", "wb")
+        proc = subprocess.Popen(pinned([sys.executable, "-m", *module, "--port", "0"],
+                                       cores if cores is not None else self.cores["simulator"]),
+                                stdout=subprocess.PIPE, stderr=log, env=env, cwd=root)
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        if not line.startswith("ready "):
+            raise RuntimeError(f"{name} did not start: {line!r}; see {self.dir / f'{name}.log'}")
+        return proc, int(line.split()[1])
 
     async def wait_ready(self, limit_s: float = 20.0) -> None:
         url = f"http://127.0.0.1:{self.gateway_port}/readyz"
@@ -261,10 +271,14 @@ class Paths:
     def __init__(self, fleet: Fleet, settings: Settings) -> None:
         assert fleet.gateway is not None
         self.gateway_pid = fleet.gateway.pid
+        assert fleet.bare is not None
+        self.bare_pid = fleet.bare.pid
         sim, gw = f"http://127.0.0.1:{fleet.sim_port}", f"http://127.0.0.1:{fleet.gateway_port}"
         json = {"Content-Type": "application/json"}
         self.plain = {"direct": Target(f"{sim}/openai/v1/chat/completions", body(INSTANT, False), json),
-                      "gateway": Target(f"{gw}/v1/chat/completions", body("auto", False), json)}
+                      "gateway": Target(f"{gw}/v1/chat/completions", body("auto", False), json),
+                      "bare": Target(f"http://127.0.0.1:{fleet.bare_port}/v1/chat/completions",
+                                     body(INSTANT, False), json)}
         self.paced = {"direct": Target(f"{sim}/stamped/v1/chat/completions", body(paced_model(settings), True),
                                        json, stream=True),
                       "gateway": Target(f"{gw}/v1/chat/completions", body("auto", True),
@@ -284,10 +298,10 @@ def _ms(results: list[Result]) -> dict[str, float]:
     return {"p50_ms": s["p50"], "p99_ms": s["p99"], "n": s["n"], "errors": _errors(results)}
 
 
-def _cpu_per_request(paths: Paths, before_ns: int, results: list[Result]) -> float:
+def _cpu_per_request(pid: int, before_ns: int, results: list[Result]) -> float:
     """The gateway's CPU time per request over a phase: unlike latency and throughput it
     hardly moves when other processes compete for the cores, so it compares code changes."""
-    return round((cpu_ns(paths.gateway_pid) - before_ns) / 1000 / max(1, len(results)), 1)
+    return round((cpu_ns(pid) - before_ns) / 1000 / max(1, len(results)), 1)
 
 
 async def phase_latency(session: aiohttp.ClientSession, paths: Paths, order: list[str], rate: int,
@@ -300,7 +314,7 @@ async def phase_latency(session: aiohttp.ClientSession, paths: Paths, order: lis
                                             s.rate_seconds)
         out[path] = {**_ms(results), "send_lateness_ms": round(lateness * 1000, 3)}
         if path == "gateway":
-            out[path]["cpu_us_per_request"] = _cpu_per_request(paths, cpu, results)
+            out[path]["cpu_us_per_request"] = _cpu_per_request(paths.gateway_pid, cpu, results)
     out["added_p50_ms"] = round(out["gateway"]["p50_ms"] - out["direct"]["p50_ms"], 3)
     out["added_p99_ms"] = round(out["gateway"]["p99_ms"] - out["direct"]["p99_ms"], 3)
     return out
@@ -308,16 +322,20 @@ async def phase_latency(session: aiohttp.ClientSession, paths: Paths, order: lis
 
 async def phase_throughput(session: aiohttp.ClientSession, paths: Paths, order: list[str],
                            s: Settings) -> dict[str, Any]:
+    """Direct and gateway, then the bare aiohttp proxy on the gateway's core: the framework's floor."""
     out: dict[str, Any] = {}
-    for path in order:
+    for path in [*order, "bare"]:
         target = paths.plain[path]
-        cpu = cpu_ns(paths.gateway_pid)
+        pid = paths.bare_pid if path == "bare" else paths.gateway_pid
+        if path == "bare":
+            await closed_loop(lambda t=target: send(session, t), 8, s.warmup, 10)
+        cpu = cpu_ns(pid)
         results, elapsed = await closed_loop(lambda t=target: send(session, t), s.concurrency, 10_000_000,
                                              s.throughput_seconds)
         ok = len(results) - _errors(results)
         out[path] = {"rps": round(ok / elapsed, 1), "errors": _errors(results)}
-        if path == "gateway":
-            out[path]["cpu_us_per_request"] = _cpu_per_request(paths, cpu, results)
+        if path != "direct":
+            out[path]["cpu_us_per_request"] = _cpu_per_request(pid, cpu, results)
     out["ratio"] = ratio(out["gateway"]["rps"], out["direct"]["rps"])
     return out
 
@@ -455,7 +473,8 @@ def markdown(result: dict[str, Any]) -> str:
     rows.append(f"| throughput at concurrency {result['settings']['concurrency']} (rps) | {t['direct']['rps']:g} | "
                 f"{t['gateway']['rps']:g}{_spread(t['gateway'], 'rps')} | x{t['ratio']:g} | >= 3000 |")
     rows.append(f"| gateway CPU per request at concurrency {result['settings']['concurrency']} (µs) | | "
-                f"{t['gateway']['cpu_us_per_request']:g}{_spread(t['gateway'], 'cpu_us_per_request')} | | |")
+                f"{t['gateway']['cpu_us_per_request']:g}{_spread(t['gateway'], 'cpu_us_per_request')} | "
+                f"bare aiohttp proxy: {t['bare']['cpu_us_per_request']:g} µs, {t['bare']['rps']:g} rps | |")
     st = result["streaming"]
     d, g = st["direct"], st["gateway"]
     rows.append(f"| stream TTFT p50 (ms) | {d['ttft_p50_ms']:g} | {g['ttft_p50_ms']:g} | "

@@ -66,8 +66,9 @@ def build_app() -> web.Application:
     return app
 
 
-async def serve(host: str, port: int) -> None:
-    runner = web.AppRunner(build_app(), access_log=None, handler_cancellation=True)
+async def serve_ready(app: web.Application, host: str, port: int) -> None:
+    """Serve `app`, print `ready <port>` for the parent, and stop on SIGTERM or SIGINT."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=4096)
     await site.start()
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvloop
 
-    uvloop.run(serve(args.host, args.port))
+    uvloop.run(serve_ready(build_app(), args.host, args.port))
     return 0
 
 

@@ -63,6 +63,8 @@ def test_overhead_measures_both_paths() -> None:
         streaming = result["streaming"][path]
         assert streaming["errors"] == 0 and streaming["chunks"] > 0
         assert streaming["ttft_p50_ms"] > 0
+    assert result["throughput"]["bare"]["rps"] > 0                 # the framework floor ran too
+    assert result["throughput"]["gateway"]["cpu_us_per_request"] > 0
     for key in ("added_p50_ms", "added_p99_ms"):
         assert isinstance(latency[key], float)
     assert {"added_ttft_p50_ms", "added_chunk_p99_ms"} <= set(result["streaming"])
