@@ -478,11 +478,11 @@ def markdown(result: dict[str, Any]) -> str:
     st = result["streaming"]
     d, g = st["direct"], st["gateway"]
     rows.append(f"| stream TTFT p50 (ms) | {d['ttft_p50_ms']:g} | {g['ttft_p50_ms']:g} | "
-                f"+{st['added_ttft_p50_ms']:g}{_spread(st, 'added_ttft_p50_ms')} | <= 1 ms added |")
+                f"{st['added_ttft_p50_ms']:+g}{_spread(st, 'added_ttft_p50_ms')} | <= 1 ms added |")
     rows.append(f"| stream chunk transit p50 (ms) | {d['chunk_transit_p50_ms']:g} | {g['chunk_transit_p50_ms']:g} | "
-                f"+{st['added_chunk_p50_ms']:g}{_spread(st, 'added_chunk_p50_ms')} | |")
+                f"{st['added_chunk_p50_ms']:+g}{_spread(st, 'added_chunk_p50_ms')} | |")
     rows.append(f"| stream chunk transit p99 (ms) | {d['chunk_transit_p99_ms']:g} | {g['chunk_transit_p99_ms']:g} | "
-                f"+{st['added_chunk_p99_ms']:g}{_spread(st, 'added_chunk_p99_ms')} | <= 1 ms added |")
+                f"{st['added_chunk_p99_ms']:+g}{_spread(st, 'added_chunk_p99_ms')} | <= 1 ms added |")
     m = result["memory"]
     rows.append(f"| memory per open stream (KB), {m['open_streams']:g} streams | "
                 f"{m['simulator_kb_per_stream']:g} (simulator) | {m['kb_per_stream']:g}{_spread(m, 'kb_per_stream')} "
