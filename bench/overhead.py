@@ -468,7 +468,7 @@ def markdown(result: dict[str, Any]) -> str:
         for q in ("p50", "p99"):
             target = {"p50": "<= 0.5 ms", "p99": "<= 2 ms"}[q] if rate == "200rps" else ""
             rows.append(f"| latency {q} at {rate[:-3]} rps (ms) | {d[f'{q}_ms']:g} | {g[f'{q}_ms']:g} | "
-                        f"+{section[f'added_{q}_ms']:g}{_spread(section, f'added_{q}_ms')} | {target} |")
+                        f"{section[f'added_{q}_ms']:+g}{_spread(section, f'added_{q}_ms')} | {target} |")
     t = result["throughput"]
     rows.append(f"| throughput at concurrency {result['settings']['concurrency']} (rps) | {t['direct']['rps']:g} | "
                 f"{t['gateway']['rps']:g}{_spread(t['gateway'], 'rps')} | x{t['ratio']:g} | >= 3000 |")
