@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -91,7 +92,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .handlers import decide, route_view
 
     config = load_or_exit(args)
-    raw = sys.stdin.buffer.read() if args.body in (None, "-") else open(args.body, "rb").read()
+    try:
+        raw = sys.stdin.buffer.read() if args.body in (None, "-") else Path(args.body).read_bytes()
+    except OSError as exc:
+        print(f"error: cannot read {args.body}: {exc.strerror}", file=sys.stderr)
+        return 1
     headers = CIMultiDict(_parse_headers(args.header))
     gateway = Gateway(config)
     decision = Decision("explain", 0.0)
@@ -115,12 +120,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     logs.setup(args.log_level)
     return run_demo(load_or_exit(args), args.host, args.port, args.sim_port)
-
-
-def _optional(name: str) -> Any:
-    import importlib
-
-    return importlib.import_module(f"proxy.{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,13 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default="info")
     demo.set_defaults(func=cmd_demo)
 
-    for name, module, text in (("report", "report", "weekly cost, fallback rate and quality per tier"),
-                               ("chaos", "chaos", "prove every fallback path with injected faults"),
-                               ("systemd-unit", "systemd", "print a systemd unit file for this install")):
-        try:
-            _optional(module).add_arguments(with_config(sub.add_parser(name, help=text)))
-        except ModuleNotFoundError:
-            continue
+    from . import chaos, report, systemd
+
+    for name, module, text in (("report", report, "weekly cost, fallback rate and quality per tier"),
+                               ("chaos", chaos, "prove every fallback path with injected faults"),
+                               ("systemd-unit", systemd, "print a systemd unit file for this install")):
+        module.add_arguments(with_config(sub.add_parser(name, help=text)))
     return parser
 
 

@@ -170,6 +170,10 @@ class Balancer:
             if breaker.state != "closed" and now < breaker.open_until:
                 open_.append(d)
                 continue
+            if now < breaker.held_until:            # the provider's own Retry-After
+                limited.append(d)
+                wait = min(wait, breaker.held_until - now)
+                continue
             if _has_limits(d):
                 requests, token_buckets = _buckets_for(state, d, now)
                 short = [b.wait_s(1, now) for b in requests] + [b.wait_s(tokens, now) for b in token_buckets]
@@ -181,8 +185,11 @@ class Balancer:
             ready.append(d)
         while ready:
             chosen = self._pick(ready, strategy)
-            if state.breaker(chosen.id).allows(now):
-                return self._reserve(chosen, tokens, now)
+            breaker = state.breaker(chosen.id)
+            if breaker.allows(now):
+                reservation = self._reserve(chosen, tokens, now)
+                reservation.probe = breaker.state != "closed"   # it holds a half-open probe slot
+                return reservation
             ready.remove(chosen)            # half-open with its probe slots taken
             open_.append(chosen)
         if limited:

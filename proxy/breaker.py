@@ -30,13 +30,15 @@ class BreakerPolicy:
 
 
 class CircuitBreaker:
-    __slots__ = ("policy", "state", "opened_at", "open_until", "_open_s", "_streak", "_recent", "_probing")
+    __slots__ = ("policy", "state", "opened_at", "open_until", "held_until", "_open_s", "_streak", "_recent",
+                 "_probing")
 
     def __init__(self, policy: BreakerPolicy = BreakerPolicy()) -> None:
         self.policy = policy
         self.state = CLOSED
         self.opened_at = 0.0
         self.open_until = 0.0
+        self.held_until = 0.0           # a rate-limit hold (429 Retry-After): not a failure
         self._open_s = policy.open_s
         self._streak = 0
         self._recent: deque[tuple[float, bool]] = deque(maxlen=256)
@@ -94,11 +96,18 @@ class CircuitBreaker:
             self._probing -= 1
 
     def trip(self, now: float, duration: float) -> None:
+        """Open now, for `duration` seconds, never longer than `max_open_s` (a provider's
+        Retry-After of a day must not take a deployment out for a day)."""
         if self.state != OPEN:
             self.opened_at = now
         self.state = OPEN
-        self.open_until = max(self.open_until, now + duration)
+        self.open_until = max(self.open_until, now + min(duration, self.policy.max_open_s))
         self._probing = 0
+
+    def hold(self, now: float, duration: float) -> None:
+        """No traffic for `duration` seconds because the provider asked (429): the deployment is
+        healthy, so this is a rate limit, reported as one, and never probed early."""
+        self.held_until = max(self.held_until, now + min(duration, self.policy.max_open_s))
 
     def _ratio_exceeded(self, now: float) -> bool:
         horizon = now - self.policy.window_s

@@ -198,7 +198,9 @@ class Dispatcher:
             return None
         if last_caller is None and not ex.decision.attempts:
             last_caller = unsendable
-        raise final_error(ex.decision.attempts, last_caller, rate_limited_wait)
+        open_wait = None if open_longest is None else \
+            max(0.0, self.state.breaker(open_longest.id).open_until - self.clock())
+        raise final_error(ex.decision.attempts, last_caller, rate_limited_wait, open_wait)
 
     def _usable(self, candidate: Candidate, min_context: int, prefill: str | None
                 ) -> tuple[tuple[Deployment, ...], str | None]:
@@ -245,10 +247,14 @@ class Dispatcher:
         deployment = reservation.deployment
         try:
             return self.adapters[deployment.provider.api].build(deployment, ex.body, ex.signals.stream, prefill)
-        except UpstreamFailure as failure:
-            self.state.breaker(deployment.id).release_probe()
+        except Exception as exc:        # an adapter meeting a shape it cannot express: the request's fault
+            if reservation.probe:
+                self.state.breaker(deployment.id).release_probe()
             self.balancer.settle(reservation, 0, self.clock())
-            return failure
+            if isinstance(exc, UpstreamFailure):
+                return exc
+            return UpstreamFailure(FailureClass.CALLER, f"the request cannot be sent to {deployment.provider.api} "
+                                   f"({type(exc).__name__}: {exc})", 400, "invalid_request")
 
     async def _attempt(self, ex: Exchange, candidate: Candidate, reservation: Reservation,
                        request: UpstreamRequest, client: ClientStream | None, prefill: str | None
@@ -290,7 +296,8 @@ class Dispatcher:
                 # that the retry (if any) then waits out exactly.
                 if failure.retry_after is None:
                     failure.retry_after = random.uniform(*RATE_LIMIT_BACKOFF_S)
-                breaker.trip(self.clock(), failure.retry_after)
+                failure.retry_after = min(failure.retry_after, breaker.policy.max_open_s)
+                breaker.hold(self.clock(), failure.retry_after)
             elif failure.kind in (FailureClass.CALLER, FailureClass.CONTENT_POLICY, FailureClass.CONTEXT_LENGTH):
                 verdict = "ok"      # the deployment answered correctly; the request was wrong
             return failure
@@ -301,8 +308,8 @@ class Dispatcher:
                 breaker.record_success(now)
             elif verdict == "fail":
                 breaker.record_failure(now, failure_hold)
-            else:
-                breaker.release_probe()
+            elif reservation.probe:
+                breaker.release_probe()     # a probe that ended without a verdict frees its slot
             self.balancer.settle(reservation, used_tokens, now)
 
     def _failed(self, record: AttemptRecord, failure: UpstreamFailure, deployment: Deployment) -> None:
@@ -344,12 +351,17 @@ class Dispatcher:
                 async with await self.transport.send(deployment.provider, request) as response:
                     headers_received = True
                     if response.status != 200:
-                        raise adapter.classify(response.status, response.headers, await read_error_body(response))
+                        raise classify(adapter, response.status, response.headers, await read_error_body(response))
                     payload = await response.read()
                     record.ttfb_s = self.clock() - record.started
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             raise failure_from_exception(exc, headers_received) from None
-        return adapter.parse(payload, deployment)
+        try:
+            return adapter.parse(payload, deployment)
+        except UpstreamFailure:
+            raise
+        except Exception as exc:
+            raise unreadable(exc) from None
 
     async def _streamed(self, ex: Exchange, adapter: Adapter, candidate: Candidate, deployment: Deployment,
                         request: Any, record: AttemptRecord, client: ClientStream, prefill: str | None
@@ -370,14 +382,19 @@ class Dispatcher:
                 response = await self.transport.send(deployment.provider, request)
                 headers_received = True
                 if response.status != 200:
-                    raise adapter.classify(response.status, response.headers, await read_error_body(response))
+                    raise classify(adapter, response.status, response.headers, await read_error_body(response))
                 content = response.content
                 while not translator.content_seen and not translator.finished:
                     chunk = await content.readany()
                     if not chunk:
                         break
-                    for event in parser.feed(chunk):
-                        pending.extend(translator.feed(event.name, event.data))
+                    try:
+                        for event in parser.feed(chunk):
+                            pending.extend(translator.feed(event.name, event.data))
+                    except UpstreamFailure:
+                        raise
+                    except Exception as exc:
+                        raise unreadable(exc) from None
                 if not translator.content_seen:
                     raise UpstreamFailure(FailureClass.PROTOCOL, "stream ended before any content")
             record.ttfb_s = self.clock() - record.started
@@ -391,9 +408,8 @@ class Dispatcher:
             if pending:
                 await client.write(b"".join(frame(p) for p in pending))
 
-            # Phase 2: bytes flow as they arrive; the idle timer restarts on every read. It is off
-            # while writing: a slow client is not a stalled upstream, and a cancelled write would
-            # leave half a frame before the error event.
+            # Phase 2: bytes flow as they arrive; the idle timer restarts on every read.
+            writing = False
             try:
                 async with asyncio.timeout(timeouts.idle_s) as idle:
                     while not translator.finished:
@@ -402,22 +418,34 @@ class Dispatcher:
                             break
                         out = [frame(p) for ev in parser.feed(chunk) for p in translator.feed(ev.name, ev.data)]
                         if out:
-                            idle.reschedule(None)
+                            # A slow reader is not a stalled upstream: while writing, only the
+                            # attempt's total budget bounds the wait.
+                            writing = True
+                            idle.reschedule(loop.time() + max(0.0, end_total - self.clock()))
                             await client.write(out[0] if len(out) == 1 else b"".join(out))
+                            writing = False
                         idle.reschedule(loop.time() + min(timeouts.idle_s, end_total - self.clock()))
             except TimeoutError:
+                if writing:
+                    raise ClientGone() from None        # it stopped reading: nothing more can reach it
                 raise StreamBroken(UpstreamFailure(
                     FailureClass.TIMEOUT, f"upstream stalled for {timeouts.idle_s:g}s after content"),
                     translator.text) from None
             except UpstreamFailure as failure:
-                failure.in_stream = True
                 raise StreamBroken(failure, translator.text) from None
             except (aiohttp.ClientError, ConnectionError) as exc:
                 raise StreamBroken(failure_from_exception(exc, True), translator.text) from None
+            except ClientGone:
+                raise
+            except Exception as exc:                # an adapter choking on an event it cannot read
+                raise StreamBroken(unreadable(exc), translator.text) from None
             if not translator.finished and translator.finish_reason is None:
                 raise StreamBroken(UpstreamFailure(FailureClass.PROTOCOL, "upstream stream was cut before its end"),
                                    translator.text)
-            tail = translator.close()
+            try:
+                tail = translator.close()
+            except Exception as exc:
+                raise StreamBroken(unreadable(exc), translator.text) from None
             await client.write(b"".join(frame(p) for p in tail) + DONE_FRAME)
             await client.finish()
             return translator.usage
@@ -445,6 +473,20 @@ class Dispatcher:
             await client.finish()
         except ClientGone:
             ex.decision.outcome = CLIENT_DISCONNECTED
+
+
+def classify(adapter: Adapter, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
+    """The adapter's classification of an error answer; one it cannot read is still a failure."""
+    try:
+        return adapter.classify(status, headers, body)
+    except Exception:
+        kind = FailureClass.SERVER if status >= 500 else FailureClass.PROTOCOL
+        return UpstreamFailure(kind, f"upstream answered HTTP {status}", status)
+
+
+def unreadable(exc: Exception) -> UpstreamFailure:
+    """An upstream answer the adapter could not read (valid JSON of the wrong shape, say)."""
+    return UpstreamFailure(FailureClass.PROTOCOL, f"unreadable upstream answer ({type(exc).__name__})")
 
 
 def answer_chars(body: bytes) -> int:
@@ -483,24 +525,22 @@ def trim_seam(payloads: list[bytes], text: list[str]) -> list[bytes]:
 
 
 def final_error(attempts: list[AttemptRecord], caller: UpstreamFailure | None,
-                rate_limited_wait: float | None) -> GatewayError:
+                rate_limited_wait: float | None, open_wait: float | None = None) -> GatewayError:
     """The answer when nothing served: its status is derived from what the attempts saw."""
     if caller is not None:
-        status = caller.status or 400
-        kind = {FailureClass.CONTENT_POLICY: "invalid_request_error",
-                FailureClass.CONTEXT_LENGTH: "invalid_request_error"}.get(caller.kind, "invalid_request_error")
-        code = caller.code or caller.kind.value
-        return GatewayError(status if 400 <= status < 500 else 400, caller.message, kind, code,
+        status = caller.status if caller.status is not None and 400 <= caller.status < 500 else 400
+        return GatewayError(status, caller.message, "invalid_request_error", caller.code or caller.kind.value,
                             outcome=caller.kind.value)
     listing = "; ".join(f"{a.model} via {a.provider}: {a.failure}{f' {a.status}' if a.status else ''}"
                         f" ({a.message})" for a in attempts)
     kinds = {a.failure for a in attempts}
     if not attempts and rate_limited_wait is None:
-        return GatewayError(502, "no deployment of any candidate is available", "upstream_error",
-                            "no_deployment", outcome="upstream_failed")
+        # Nothing could be tried: every breaker is open and the one probe allowed is already out.
+        after = max(1, math.ceil(open_wait)) if open_wait is not None else 1
+        return GatewayError(503, "every candidate's circuit breaker is open; retry shortly", "upstream_error",
+                            "all_breakers_open", headers={"Retry-After": str(after)}, outcome="upstream_failed")
     if not attempts or kinds == {FailureClass.RATE_LIMITED.value}:
-        waits = [w for w in (rate_limited_wait,) if w is not None]
-        retry = max(1, math.ceil(min(waits))) if waits else 1
+        retry = max(1, math.ceil(rate_limited_wait)) if rate_limited_wait is not None else 1
         message = "every candidate is rate-limited" + (f" ({listing})" if listing else "")
         return GatewayError(429, message, "rate_limit_error", "rate_limited",
                             headers={"Retry-After": str(retry)}, outcome="rate_limited")

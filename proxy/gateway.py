@@ -96,8 +96,9 @@ class Gateway:
 
     def _build(self, config: Config) -> Snapshot:
         dispatcher = Dispatcher(self.adapters, self.transport, self.state, config.server, clock=self.clock)
-        self.metrics.configure(config)
-        return Snapshot(config, Router(config), dispatcher)
+        snapshot = Snapshot(config, Router(config), dispatcher)
+        self.metrics.configure(config)      # only once everything that can fail has been built
+        return snapshot
 
     async def start(self) -> None:
         self.decisions.start()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -87,6 +87,13 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 30.
     if request.content_length is not None and request.content_length > max_bytes:
         raise GatewayError(413, f"request body exceeds {max_bytes} bytes", "invalid_request_error",
                            "request_too_large", outcome="bad_request")
+    content = request.content
+    if content.is_eof():                        # the whole body came with the headers: no wait, no timer
+        raw = content.read_nowait(-1)
+        if len(raw) > max_bytes:
+            raise GatewayError(413, f"request body exceeds {max_bytes} bytes", "invalid_request_error",
+                               "request_too_large", outcome="bad_request")
+        return _decode(raw)
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
@@ -104,7 +111,10 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 30.
             raise ClientGone() from exc
         raise bad_request("the request body could not be read (malformed transfer encoding)",
                           code="invalid_body") from None
-    raw = b"".join(chunks)
+    return _decode(b"".join(chunks))
+
+
+def _decode(raw: bytes) -> Any:
     if not raw:
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
@@ -117,7 +127,7 @@ def request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id")
     if given and _REQUEST_ID.match(given):
         return given
-    return "req_" + uuid.uuid4().hex
+    return "req_" + os.urandom(16).hex()      # uuid4's randomness without building a UUID object
 
 
 def decide(snapshot: Snapshot, key: GatewayKey | None, headers: Mapping[str, str], body: Any,
@@ -174,16 +184,16 @@ async def _read_and_decide(request: web.Request, snapshot: Snapshot, decision: D
 
 
 def _answer_headers(decision: Decision) -> dict[str, str]:
-    headers = {"X-Request-Id": decision.request_id, "X-Route-Attempts": str(len(decision.attempts))}
-    if decision.rule:
-        headers["X-Route-Rule"] = decision.rule
-    model = decision.served_model or (decision.attempts[-1].model if decision.attempts else None)
-    provider = decision.served_provider or (decision.attempts[-1].provider if decision.attempts else None)
-    if model:
-        headers["X-Route-Model"] = model
-    if provider:
-        headers["X-Route-Provider"] = provider
-    return headers
+    """The X-Route-* headers every answer carries; `none` where the request never got that far
+    (a 401 has no rule, a no_candidate no model), the last attempt's model when none served."""
+    last = decision.attempts[-1] if decision.attempts else None
+    return {
+        "X-Request-Id": decision.request_id,
+        "X-Route-Rule": decision.rule or "none",
+        "X-Route-Model": decision.served_model or (last.model if last else "none"),
+        "X-Route-Provider": decision.served_provider or (last.provider if last else "none"),
+        "X-Route-Attempts": str(len(decision.attempts)),
+    }
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -222,6 +232,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if writer is not None and writer.response is not None:     # the status line is gone already
             log.exception("unhandled error in a committed stream", extra={"request_id": decision.request_id})
             decision.outcome, decision.error = "internal_error", "internal gateway error"
+            try:                                # never a clean close that looks complete
+                await writer.write(frame(error_body("internal gateway error", "server_error", "internal_error")))
+                await writer.finish()
+            except ClientGone:
+                pass
             return writer.response
         log.exception("unhandled error", extra={"request_id": decision.request_id})
         internal = GatewayError(500, "internal gateway error", "server_error", "internal_error",
@@ -267,6 +282,8 @@ async def route(request: web.Request) -> web.Response:
         _, _, plan = await _read_and_decide(request, gateway.snapshot, decision)
     except GatewayError as err:
         return error_response(err, {"X-Request-Id": decision.request_id})
+    except ClientGone:
+        return web.Response(status=CLIENT_CLOSED)
     return json_response(route_view(plan, decision), headers={"X-Request-Id": decision.request_id})
 
 
@@ -332,9 +349,13 @@ async def openai_errors(request: web.Request, handler: Any) -> web.StreamRespons
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
-        return web.Response(body=error_body(exc.reason, "invalid_request_error", code), status=exc.status,
-                            content_type="application/json")
+        status, reason = exc.status, exc.reason
+        if isinstance(exc, web.HTTPMethodNotAllowed) and exc.allowed_methods <= {"OPTIONS"}:
+            status, reason = 404, "Not Found"   # only the CORS preflight route matched the path
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+        headers = {"Allow": exc.headers["Allow"]} if status == 405 and "Allow" in exc.headers else None
+        return web.Response(body=error_body(reason, "invalid_request_error", code), status=status,
+                            headers=headers, content_type="application/json")
     except (asyncio.CancelledError, ClientGone):
         raise
     except Exception:

@@ -104,6 +104,9 @@ def _walk_messages(messages: Any, max_messages: int) -> tuple[int, bool]:
         tokens += n + 4
         images = images or has_image
         calls = message.get("tool_calls")
+        if calls is not None and (not isinstance(calls, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("function", {}), dict) for c in calls)):
+            raise bad_request(f"messages[{i}].tool_calls must be an array of objects", f"messages[{i}].tool_calls")
         if calls:
             tokens += text_tokens(orjson.dumps(calls).decode())
     return tokens, images
@@ -126,6 +129,8 @@ def _output_format(body: Mapping[str, Any]) -> str:
     if kind not in ("text", "json_object", "json_schema"):
         raise bad_request("'response_format.type' must be text, json_object or json_schema",
                           "response_format")
+    if kind == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
+        raise bad_request("'response_format.json_schema' must be an object", "response_format.json_schema")
     return kind
 
 
@@ -143,6 +148,9 @@ def _check_types(body: Mapping[str, Any]) -> None:
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise bad_request("'tools' must be an array", "tools")
+    for i, tool in enumerate(tools or ()):
+        if not isinstance(tool, dict) or not isinstance(tool.get("function", {}), dict):
+            raise bad_request(f"tools[{i}] must be an object whose 'function' is an object", f"tools[{i}]")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")

@@ -48,10 +48,20 @@ class Transport:
 
 
 async def read_error_body(response: aiohttp.ClientResponse) -> bytes:
+    """An error answer's body, whole up to MAX_ERROR_BODY: one that arrives in several reads
+    must still parse, or a context_length_exceeded would be misread as a plain 400."""
+    chunks: list[bytes] = []
+    size = 0
     try:
-        return await response.content.read(MAX_ERROR_BODY)
+        while size < MAX_ERROR_BODY:
+            chunk = await response.content.readany()
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
     except (TimeoutError, aiohttp.ClientError):
-        return b""
+        pass
+    return b"".join(chunks)[:MAX_ERROR_BODY]
 
 
 def failure_from_exception(exc: BaseException, headers_received: bool) -> UpstreamFailure:

@@ -18,9 +18,9 @@ import aiohttp
 import orjson
 import pytest
 
+from proxy.balancer import Balancer
 from proxy.config import Price
 from proxy.decisions import AttemptRecord, Decision, DecisionLog
-from proxy.providers.openai import OpenAIAdapter
 from proxy.simulator import canonical_text
 
 from .conftest import ROOT, model_entry
@@ -146,8 +146,9 @@ async def test_every_request_leaves_exactly_one_consistent_record(make_gateway, 
         assert record["outcome"] == seen.outcome, (seen.rid, record)
         assert record["status"] == seen.status, seen.rid
         assert len(record["attempts"]) == int(seen.headers["X-Route-Attempts"]), seen.rid
-        attempted = record["served_model"] or (record["attempts"][-1]["model"] if record["attempts"] else None)
-        assert seen.headers.get("X-Route-Model") == attempted, seen.rid
+        attempted = record["served_model"] or (record["attempts"][-1]["model"] if record["attempts"] else "none")
+        assert seen.headers["X-Route-Model"] == attempted, seen.rid
+        assert seen.headers["X-Route-Rule"] == (record["rule"] or "none"), seen.rid
         assert record["type"] == "decision" and record["time"].endswith("Z")
 
     fallback = by_id["r-fallback"]
@@ -258,10 +259,10 @@ async def test_shutdown_writes_every_queued_record(fleet, tmp_path: Path, monkey
 
 async def test_a_gateway_bug_still_answers_in_openai_shape_and_leaves_one_record(
         make_gateway, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken_build(*args: Any, **kwargs: Any) -> Any:
+    def broken_choice(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug inside the attempt loop")
 
-    monkeypatch.setattr(OpenAIAdapter, "build", broken_build)
+    monkeypatch.setattr(Balancer, "choose", broken_choice)
     log = tmp_path / "decisions.jsonl"
     gw = await make_gateway({"plain": model_entry("plain")}, {"chains": {"main": ["plain"]}, "default": "main",
                                                              "server": {"decision_log": str(log)}})

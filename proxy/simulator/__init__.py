@@ -8,7 +8,8 @@ something here is applied; other parts are ignored, so `gpt-5-mini` is a healthy
   failures   429 429once 500 500once 503 529 401   (HTTP status before any byte; `once`
              fails only the first request for that model name), ra<seconds> Retry-After
              reset resetonce (connection closed before headers), hang (never answers)
-  in stream  inband (an error event after a harmless first frame), garbage (a malformed
+  in stream  odd<k> (valid JSON of the wrong shape before token k),
+             inband (an error event after a harmless first frame), garbage (a malformed
              event mid-stream), nodone (no terminal event), cut<k> (socket closed after k
              tokens), stall<k> (silence after k tokens)
   caller     ctx (400 context_length_exceeded), policy (400 content policy)
@@ -54,6 +55,7 @@ class Behaviour:
     hang: bool = False
     inband: bool = False
     garbage: bool = False
+    odd_at: int | None = None
     nodone: bool = False
     cut_after: int | None = None
     stall_after: int | None = None
@@ -75,6 +77,8 @@ def parse_behaviour(model: str, default: Behaviour) -> Behaviour:
                 values["tokens"] = int(p[1:])
             elif p.startswith("ra") and p[2:]:
                 values["retry_after"] = float(p[2:])
+            elif p.startswith("odd") and p[3:].isdigit():
+                values["odd_at"] = int(p[3:])
             elif p.startswith("cut") and p[3:].isdigit():
                 values["cut_after"] = int(p[3:])
             elif p.startswith("stall") and p[5:].isdigit():
@@ -336,6 +340,8 @@ class Simulator:
                 delay = behaviour.ttft_s if i == 0 else behaviour.gap_s
                 if delay:
                     await asyncio.sleep(delay)
+                if i == behaviour.odd_at:
+                    await response.write(b'data: {"choices": [1], "delta": 7}\n\n')
                 if behaviour.garbage and i == 1:
                     await response.write(b"data: {this is not json\n\n")
                 await response.write(piece)

@@ -1,0 +1,107 @@
+"""Shapes and answers that once broke the gateway: each must end in a clear answer, with
+every reservation and probe slot given back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .conftest import Fleet, MakeGateway, model_entry
+
+USER = {"role": "user", "content": "hello"}
+PROTOCOLS = ("openai", "anthropic", "gemini")
+
+
+def in_flight(gw: Any) -> int:
+    return sum(s.in_flight for s in gw.gateway.state.statistics.values())
+
+
+BAD_SHAPES: list[tuple[str, dict[str, Any]]] = [
+    ("tool_calls-not-objects", {"messages": [USER, {"role": "assistant", "content": "x", "tool_calls": [1]}, USER]}),
+    ("tool-function-not-object", {"messages": [USER], "tools": [{"type": "function", "function": "f"}]}),
+    ("json_schema-not-object", {"messages": [USER], "response_format": {"type": "json_schema", "json_schema": "x"}}),
+]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("name,body", BAD_SHAPES, ids=[b[0] for b in BAD_SHAPES])
+async def test_bad_shapes_are_400_and_leak_nothing(make_gateway: MakeGateway, protocol: str, name: str,
+                                                   body: dict[str, Any]) -> None:
+    gw = await make_gateway({"m": model_entry("ok-n2", f"sim-{protocol}")})
+    async with aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            async with session.post(gw.base + "/chat/completions",
+                                    json={"model": "m", "stream": stream, **body}) as r:
+                assert r.status == 400, await r.text()
+                assert (await r.json())["error"]["type"] == "invalid_request_error"
+        async with session.post(gw.base + "/chat/completions", json={"model": "m", "messages": [USER]}) as r:
+            assert r.status == 200
+    assert in_flight(gw) == 0
+
+
+@pytest.mark.parametrize("protocol", ("anthropic", "gemini"))
+async def test_a_request_the_adapter_cannot_translate_is_400_not_500(make_gateway: MakeGateway, fleet: Fleet,
+                                                                     protocol: str) -> None:
+    """Arguments that are not a JSON string pass validation but cannot be translated."""
+    gw = await make_gateway({"m": model_entry("ok-n2-untranslatable", f"sim-{protocol}")})
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"not": "a string"}}}
+    messages = [USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base + "/chat/completions", json={"model": "m", "messages": messages}) as r:
+            text = await r.text()
+    assert r.status in (200, 400), text         # either translated sensibly or refused clearly
+    assert in_flight(gw) == 0
+    breaker = gw.gateway.state.breaker(f"m/sim-{protocol}/0")
+    assert breaker.state == "closed"
+
+
+async def test_retry_after_is_honoured_for_requests_that_follow(make_gateway: MakeGateway, fleet: Fleet) -> None:
+    """After a 429 with Retry-After: 30 the deployment gets no traffic, and every caller is told
+    to come back in about 30 s, not 1 s, and never gets a 502."""
+    gw = await make_gateway({"m": model_entry("limited-429-ra30")})
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.post(gw.base + "/chat/completions", json={"model": "m", "messages": [USER]}) as r:
+                assert r.status == 429
+                assert 28 <= int(r.headers["Retry-After"]) <= 30
+                assert (await r.json())["error"]["code"] == "rate_limited"
+    assert len(fleet.sim.requests_for("limited-429-ra30")) == 1
+
+
+async def test_a_day_long_retry_after_is_capped(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"m": model_entry("limited-429-ra86400")},
+                            {"chains": {"main": ["m"]}, "default": "main", "server": {"breaker": {"max_open_s": 60}}})
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(gw.base + "/chat/completions", json={"model": "m", "messages": [USER]}) as r:
+                assert r.status == 429
+                assert 50 <= int(r.headers["Retry-After"]) <= 60
+
+
+async def test_wrongly_shaped_chunk_after_content_ends_with_an_error_event(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"m": model_entry("ok-n5-gap30-odd2")})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base + "/chat/completions",
+                                json={"model": "m", "stream": True, "messages": [USER]}) as r:
+            assert r.status == 200
+            text = await r.text()
+    assert '"content":"The "' in text
+    assert '"error"' in text.splitlines()[-2] and "[DONE]" not in text
+    assert in_flight(gw) == 0
+
+
+async def test_wrongly_shaped_chunk_before_content_fails_over_unseen(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"odd": model_entry("ok-n3-odd0"), "backup": model_entry("ok-n3-backup")},
+                            {"chains": {"main": ["odd", "backup"]}, "default": "main"})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base + "/chat/completions",
+                                json={"model": "auto", "stream": True, "messages": [USER]}) as r:
+            assert r.status == 200
+            assert r.headers["X-Route-Model"] == "backup"
+            assert r.headers["X-Route-Attempts"] == "2"
+            text = await r.text()
+    assert text.endswith("data: [DONE]\n\n") and '"error"' not in text
+    assert text.count('"role":"assistant"') == 1
