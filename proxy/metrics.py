@@ -79,6 +79,7 @@ class Metrics:
         self.tiers: frozenset[str] = _COMMON_TIERS
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self._children: dict[tuple[Counter, tuple[str, ...]], Counter] = {}
         self.requests = Counter("llm_proxy_requests", "Requests by served model, rule, tier and outcome",
                                 ["model", "rule", "tier", "outcome"], registry=r)
         self.attempts = Counter("llm_proxy_attempts", "Upstream attempts by model, provider and result",
@@ -111,24 +112,35 @@ class Metrics:
             return "none"
         return tier if tier in self.tiers else "other"
 
+    def _child(self, metric: Counter, *labels: str) -> Counter:
+        """`metric.labels(*labels)`, remembered: labels() validates and locks on every call, and
+        this runs several times per request. Bounded: every label value comes from the config
+        or a fixed set (unknown tiers are already folded into `other`)."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe(self, d: Decision) -> None:
         tier = self.tier(d.tier)
         rule = d.rule or "none"
         model = d.served_model or "none"
-        self.requests.labels(model, rule, tier, d.outcome).inc()
+        child = self._child
+        child(self.requests, model, rule, tier, d.outcome).inc()
         for a in d.attempts:
-            self.attempts.labels(a.model, a.provider, a.failure or "ok").inc()
+            child(self.attempts, a.model, a.provider, a.failure or "ok").inc()
         if d.fell_back:
-            self.fallbacks.labels(rule, tier).inc()
+            child(self.fallbacks, rule, tier).inc()
         if d.usage is not None:
-            self.tokens.labels(model, tier, "input").inc(d.usage.input_tokens)
-            self.tokens.labels(model, tier, "cached_input").inc(d.usage.cached_input_tokens)
-            self.tokens.labels(model, tier, "output").inc(d.usage.output_tokens)
+            child(self.tokens, model, tier, "input").inc(d.usage.input_tokens)
+            child(self.tokens, model, tier, "cached_input").inc(d.usage.cached_input_tokens)
+            child(self.tokens, model, tier, "output").inc(d.usage.output_tokens)
         for a in d.attempts:
             if a.cost_usd:
-                self.cost.labels(a.model, tier).inc(a.cost_usd)
+                child(self.cost, a.model, tier).inc(a.cost_usd)
                 if a.wasted:
-                    self.wasted.labels(a.model, tier).inc(a.cost_usd)
+                    child(self.wasted, a.model, tier).inc(a.cost_usd)
         if d.overhead_ms is not None:
             self.overhead.observe(d.overhead_ms)
         if d.ttft_ms is not None:
