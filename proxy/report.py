@@ -7,7 +7,8 @@ ISO week (UTC) overall and per tier, per served model and per rule:
   requests       decision records in the group
   avg_cost_usd   cost_usd summed (wasted attempts included) / requests
   fallback_rate  requests with more than one attempt / requests that reached an upstream
-  quality        mean feedback score (every feedback record counts), with their number
+  quality        mean feedback score (a request scored twice counts once, its latest score),
+                 with their number
   p50/p99        duration_ms and ttft_ms of requests that ended ok (nearest-rank percentiles)
 
 Lines that are not records (log noise, a torn last line) are skipped and counted.
@@ -157,6 +158,17 @@ def read_records(streams: Iterable[IO[bytes]]) -> tuple[list[dict[str, Any]], li
     return decisions, feedback, skipped
 
 
+def latest_scores(feedback: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One score per request, its latest: re-scoring corrects a score, it must not add weight."""
+    latest: dict[str, dict[str, Any]] = {}
+    for item in feedback:
+        rid = str(item["request_id"])
+        seen = latest.get(rid)
+        if seen is None or (record_time(item.get("time")) or 0.0) >= (record_time(seen.get("time")) or 0.0):
+            latest[rid] = item
+    return list(latest.values())
+
+
 def summarise(decisions: list[dict[str, Any]], feedback: list[dict[str, Any]], since: float | None = None
               ) -> dict[str, Any]:
     weeks: dict[str, Week] = {}
@@ -169,7 +181,7 @@ def summarise(decisions: list[dict[str, Any]], feedback: list[dict[str, Any]], s
         joined[str(record["request_id"])] = (week, labels)
         for group in weeks.setdefault(week, Week()).groups(labels):
             group.add(record)
-    for item in feedback:
+    for item in latest_scores(feedback):
         found = joined.get(str(item["request_id"]))
         if found is None:                   # its request is outside these logs: use the feedback's own fields
             when = record_time(item.get("time"))

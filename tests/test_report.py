@@ -173,3 +173,16 @@ def test_since_leaves_older_weeks_out(log) -> None:
     expected = _expected(decisions, feedback, cutoff)
     assert report["weeks"][0]["all"]["requests"] == expected[("2026-W03", "all")]["requests"]
     assert report["weeks"][0]["all"]["avg_cost_usd"] == pytest.approx(expected[("2026-W03", "all")]["avg_cost_usd"])
+
+
+def test_a_request_scored_twice_counts_once_with_its_latest_score(tmp_path: Path) -> None:
+    decision = {"type": "decision", "time": "2026-01-07T10:00:00.000Z", "request_id": "r1", "tier": "free",
+                "served_model": "m", "rule": "short", "attempts": [{"model": "m"}], "cost_usd": 0.01,
+                "outcome": "ok", "duration_ms": 5.0, "ttft_ms": None}
+    scores = [{"type": "feedback", "time": "2026-01-07T10:05:00.000Z", "request_id": "r1", "score": 0.2},
+              {"type": "feedback", "time": "2026-01-07T10:01:00.000Z", "request_id": "r1", "score": 0.9}]
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(r) for r in [scores[0], decision, scores[1]]) + b"\n")
+    week = orjson.loads(_report(str(path), "--json"))["weeks"][0]
+    assert week["all"]["quality"] == pytest.approx(0.2)
+    assert week["all"]["feedback"] == 1
