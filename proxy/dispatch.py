@@ -181,17 +181,9 @@ class Dispatcher:
                 break
 
         if not ex.decision.attempts and open_longest is not None and rate_limited_wait is None and budget > 0:
-            # Every candidate's breaker is open: probe the one open longest rather than fail untried.
-            candidate = next(c for c in ex.plan.candidates if open_longest in c.deployments)
-            reservation = self.balancer.force(open_longest, tokens, self.clock())
-            probe = None if reservation is None else self._build(ex, reservation, None)
-            if reservation is not None and isinstance(probe, UpstreamRequest):
-                outcome = await self._attempt(ex, candidate, reservation, probe, client, None)
-                if outcome is None or isinstance(outcome, bytes):
-                    return outcome
-                if isinstance(outcome, StreamBroken):
-                    await self._end_with_error(ex, client, outcome.failure)
-                    return None
+            outcome = await self._probe_oldest(ex, open_longest, tokens, client)
+            if outcome is None or isinstance(outcome, bytes):
+                return outcome
         if client is not None and client.committed:
             await self._end_with_error(ex, client, UpstreamFailure(
                 FailureClass.PROTOCOL, "no candidate could continue the interrupted answer"))
@@ -201,6 +193,23 @@ class Dispatcher:
         open_wait = None if open_longest is None else \
             max(0.0, self.state.breaker(open_longest.id).open_until - self.clock())
         raise final_error(ex.decision.attempts, last_caller, rate_limited_wait, open_wait)
+
+    async def _probe_oldest(self, ex: Exchange, oldest: Deployment, tokens: int, client: ClientStream | None
+                            ) -> bytes | None | UpstreamFailure:
+        """Every candidate's breaker is open: probe the one open longest rather than fail untried.
+        Returns what `run` returns when it answered (or ended the stream), else the failure."""
+        candidate = next(c for c in ex.plan.candidates if oldest in c.deployments)
+        reservation = self.balancer.force(oldest, tokens, self.clock())
+        if reservation is None:                     # its probe slots are taken
+            return UpstreamFailure(FailureClass.CONNECT, "breaker open")
+        request = self._build(ex, reservation, None)
+        if isinstance(request, UpstreamFailure):
+            return request
+        outcome = await self._attempt(ex, candidate, reservation, request, client, None)
+        if isinstance(outcome, StreamBroken):
+            await self._end_with_error(ex, client, outcome.failure)
+            return None
+        return outcome
 
     def _usable(self, candidate: Candidate, min_context: int, prefill: str | None
                 ) -> tuple[tuple[Deployment, ...], str | None]:
