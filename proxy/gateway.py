@@ -140,6 +140,8 @@ class Gateway:
             return False
         self.snapshot = snapshot
         self.state.set_breaker_policy(new.server.breaker)
+        # Requests still on the old snapshot may use its sessions until their own deadline.
+        self.transport.retire(new.providers.values(), grace_s=old.server.request_timeout_s + 5)
         if new.server.decision_log != self.decisions.destination:
             log.warning("decision_log destination changes take effect on restart")
         self.decisions.reopen()

@@ -7,6 +7,7 @@ so adapters stay pure and dispatch sees failure classes, never socket errors.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 
 import aiohttp
 
@@ -20,9 +21,15 @@ MAX_ERROR_BODY = 64 * 1024
 class Transport:
     def __init__(self) -> None:
         self._sessions: dict[tuple[str, str, float], aiohttp.ClientSession] = {}
+        self._retired: set[aiohttp.ClientSession] = set()     # replaced by a reload, closing soon
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @staticmethod
+    def _key(provider: Provider) -> tuple[str, str, float]:
+        return (provider.name, provider.base_url, provider.timeouts.connect_s)
 
     def session(self, provider: Provider) -> aiohttp.ClientSession:
-        key = (provider.name, provider.base_url, provider.timeouts.connect_s)
+        key = self._key(provider)
         session = self._sessions.get(key)
         if session is None or session.closed:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0, ttl_dns_cache=300,
@@ -42,9 +49,26 @@ class Transport:
         """POST and wait for the response headers. The caller bounds the wait."""
         return await self.session(provider).post(request.url, data=request.body, headers=dict(request.headers))
 
+    def retire(self, providers: Iterable[Provider], grace_s: float) -> None:
+        """After a reload: close, once requests in flight have had `grace_s` to finish, the
+        sessions no provider of the new config uses (a changed base_url or connect timeout)."""
+        keep = {self._key(p) for p in providers}
+        for key in [k for k in self._sessions if k not in keep]:
+            session = self._sessions.pop(key)
+            self._retired.add(session)
+            asyncio.get_running_loop().call_later(grace_s, self._close_retired, session)
+
+    def _close_retired(self, session: aiohttp.ClientSession) -> None:
+        if session in self._retired:
+            self._retired.discard(session)
+            task = asyncio.get_running_loop().create_task(session.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def close(self) -> None:
-        sessions, self._sessions = list(self._sessions.values()), {}
-        await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+        sessions = [*self._sessions.values(), *self._retired]
+        self._sessions, self._retired = {}, set()
+        await asyncio.gather(*(s.close() for s in sessions), *self._closing, return_exceptions=True)
 
 
 async def read_error_body(response: aiohttp.ClientResponse) -> bytes:

@@ -105,3 +105,23 @@ async def test_wrongly_shaped_chunk_before_content_fails_over_unseen(make_gatewa
             text = await r.text()
     assert text.endswith("data: [DONE]\n\n") and '"error"' not in text
     assert text.count('"role":"assistant"') == 1
+
+
+async def test_a_reload_retires_sessions_no_provider_uses_any_more(make_gateway: MakeGateway) -> None:
+    import asyncio
+    import dataclasses
+
+    gw = await make_gateway({"m": model_entry("ok-n2")})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base + "/chat/completions", json={"model": "m", "messages": [USER]}) as r:
+            assert r.status == 200
+    transport = gw.gateway.transport
+    provider = gw.gateway.snapshot.config.providers["sim-openai"]
+    old = transport.session(provider)
+    moved = dataclasses.replace(provider, base_url=provider.base_url + "/moved")
+    transport.retire([moved, *[p for p in gw.gateway.snapshot.config.providers.values() if p is not provider]],
+                     grace_s=0.05)
+    assert not old.closed, "requests in flight keep their session through the grace period"
+    assert transport.session(provider) is not old
+    await asyncio.sleep(0.2)
+    assert old.closed
