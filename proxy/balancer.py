@@ -201,8 +201,9 @@ class Balancer:
 
     def force(self, deployment: Deployment, tokens: int, now: float) -> Reservation | None:
         """Probe a deployment whose breaker is open: every candidate is open, so try the oldest.
-        None while its probe slots are taken (the probe is bounded even then)."""
-        if not self.state.breaker(deployment.id).force_probe(now):
+        None while its probe slots are taken (the probe is bounded even then) or a 429 holds it."""
+        breaker = self.state.breaker(deployment.id)
+        if now < breaker.held_until or not breaker.force_probe(now):   # never probe into a 429 hold
             return None
         reservation = self._reserve(deployment, tokens, now)
         reservation.probe = True

@@ -200,7 +200,7 @@ class Dispatcher:
         Returns what `run` returns when it answered (or ended the stream), else the failure."""
         candidate = next(c for c in ex.plan.candidates if oldest in c.deployments)
         reservation = self.balancer.force(oldest, tokens, self.clock())
-        if reservation is None:                     # its probe slots are taken
+        if reservation is None:                     # its probe slots are taken, or it is rate-limited
             return UpstreamFailure(FailureClass.CONNECT, "breaker open")
         request = self._build(ex, reservation, None)
         if isinstance(request, UpstreamFailure):
