@@ -108,15 +108,24 @@ def render(config: Config, *, host: str, port: int, workers: int, user: str, env
 
 def cmd_systemd_unit(args: argparse.Namespace) -> int:
     from .__main__ import load_or_exit
+    from .app import is_loopback
 
     config = load_or_exit(args)
-    print(render(config, host=args.host, port=args.port, workers=args.workers, user=args.user,
+    host = args.host or ("0.0.0.0" if config.auth_required else "127.0.0.1")
+    if not config.auth_required and not is_loopback(host):
+        print(f"warning: routes.yaml has no keys: section, so `serve` will refuse to bind to {host} and the "
+              "unit will not start; add keys (or serve on 127.0.0.1)", file=sys.stderr)
+    elif not config.auth_required:
+        print("note: routes.yaml has no keys: section, so the unit serves on 127.0.0.1 only; add keys to "
+              "serve other hosts", file=sys.stderr)
+    print(render(config, host=host, port=args.port, workers=args.workers, user=args.user,
                  env_file=os.path.abspath(args.env_file)), end="")
     return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="0.0.0.0", help="address the service listens on (default 0.0.0.0)")
+    parser.add_argument("--host", help="address the service listens on (default 0.0.0.0 when routes.yaml has "
+                                       "keys, else 127.0.0.1: without keys the gateway serves loopback only)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--user", default="llm-proxy", help="system user the service runs as")

@@ -84,3 +84,20 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     problems = [line for line in done.stderr.splitlines() if "llm-proxy.service" in line]
     assert not problems, problems
+
+
+def test_host_follows_whether_the_config_has_keys(tmp_path: Path) -> None:
+    def host(done: subprocess.CompletedProcess[str]) -> str:
+        exec_start = _settings(done.stdout)["ExecStart"][0].split()
+        return exec_start[exec_start.index("--host") + 1]
+
+    open_routes = _run(tmp_path, ROUTES)                # the shipped routes have no keys
+    assert open_routes.returncode == 0
+    assert host(open_routes) == "127.0.0.1" and "no keys" in open_routes.stderr
+    keyed = yaml.safe_load(ROUTES.read_text())
+    keyed["keys"] = [{"name": "web", "key_env": "WEB_KEY", "tier": "standard"}]
+    keyed_path = tmp_path / "routes.yaml"
+    keyed_path.write_text(yaml.safe_dump(keyed))
+    assert host(_run(tmp_path, keyed_path)) == "0.0.0.0"
+    refused = _run(tmp_path, ROUTES, "--host", "0.0.0.0")
+    assert host(refused) == "0.0.0.0" and "will not start" in refused.stderr
