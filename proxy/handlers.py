@@ -7,6 +7,7 @@ whatever happens: answered, refused, failed upstream or abandoned by the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -69,6 +70,18 @@ class SSEWriter:
             await self.response.write_eof()
         except (ConnectionError, aiohttp.ClientError) as exc:
             raise ClientGone() from exc
+
+
+async def send_now(request: web.Request, response: web.Response) -> web.Response:
+    """Put a whole answer on the wire before returning it, so that the bookkeeping in the
+    handler's `finally` (decision record, metrics) runs after the client has its bytes
+    rather than in front of them."""
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except (ConnectionError, aiohttp.ClientError) as exc:
+        raise ClientGone() from exc
+    return response
 
 
 def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -215,10 +228,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return writer.response
         payload = await snapshot.dispatcher.run(exchange, None)
         assert payload is not None
-        return web.Response(body=payload, headers=_answer_headers(decision), content_type="application/json")
+        return await send_now(request, web.Response(body=payload, headers=_answer_headers(decision),
+                                                    content_type="application/json"))
     except GatewayError as err:
         decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
-        return error_response(err, _answer_headers(decision))
+        response = error_response(err, _answer_headers(decision))
+        with contextlib.suppress(ClientGone):       # nobody left to tell: the record says so
+            await send_now(request, response)
+        return response
     except ClientGone:
         _client_left(decision, writer)
         return writer.response if writer is not None and writer.response is not None else web.Response()
