@@ -56,7 +56,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from . import logs
-    from .app import is_loopback, serve
+    from .app import is_loopback, listen_problem, serve
     from .decisions import DecisionLog
 
     logs.setup(args.log_level)
@@ -66,11 +66,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"bind to {args.host}; add keys, bind to 127.0.0.1, or pass --allow-unauthenticated",
               file=sys.stderr)
         return 2
-    problem = DecisionLog(config.server.decision_log).problem()
+    problem = DecisionLog(config.server.decision_log).problem() or listen_problem(args.host, args.port)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    return serve(config, args.host, args.port, args.workers)
+    try:
+        return serve(config, args.host, args.port, args.workers)
+    except OSError as exc:                  # lost a race for the port after the check, say
+        print(f"error: cannot serve on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
 
 def _parse_headers(raw: Sequence[str]) -> dict[str, str]:
@@ -116,10 +120,40 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from . import logs
+    from .app import listen_problem
     from .demo import run_demo
 
     logs.setup(args.log_level)
-    return run_demo(load_or_exit(args), args.host, args.port, args.sim_port)
+    config = load_or_exit(args)
+    problem = listen_problem(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    return run_demo(config, args.host, args.port, args.sim_port)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def port_number(text: str, allow_zero: bool = False) -> int:
+    """An argparse type: a TCP port, so that 99999 is an error rather than port 34463."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port number") from None
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (1-65535)")
+    return port
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' must be a whole number of at least 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,12 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     serve = with_config(sub.add_parser("serve", help="run the gateway"))
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=port_number, default=8080, help="port to listen on (default 8080)")
+    serve.add_argument("--workers", type=positive_int, default=1,
+                       help="processes sharing the port with SO_REUSEPORT (default 1)")
     serve.add_argument("--allow-unauthenticated", action="store_true",
                        help="bind beyond loopback although routes.yaml has no keys")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
+                       help="least severe log level written to stderr (default info)")
     serve.set_defaults(func=cmd_serve)
 
     with_config(sub.add_parser("check", help="validate the config files")).set_defaults(func=cmd_check)
@@ -148,10 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.set_defaults(func=cmd_explain)
 
     demo = with_config(sub.add_parser("demo", help="the gateway in front of a simulated provider fleet"))
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8080)
-    demo.add_argument("--sim-port", type=int, default=0)
-    demo.add_argument("--log-level", default="info")
+    demo.add_argument("--host", default="127.0.0.1", help="address the gateway listens on (default 127.0.0.1)")
+    demo.add_argument("--port", type=port_number, default=8080, help="the gateway's port (default 8080)")
+    demo.add_argument("--sim-port", type=lambda text: port_number(text, allow_zero=True), default=0,
+                      help="the simulated fleet's port (default: any free port)")
+    demo.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
+                      help="least severe log level written to stderr (default info)")
     demo.set_defaults(func=cmd_demo)
 
     from . import chaos, report, systemd
@@ -165,7 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:                 # `llm-proxy report | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

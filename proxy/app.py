@@ -32,8 +32,8 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
     app = web.Application(middlewares=[handlers.openai_errors], client_max_size=1 << 40)
     app[GATEWAY] = gateway or Gateway(config)
     cors.install(app)
-    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
-    app.router.add_post("/chat/completions", handlers.chat_completions)
+    app.router.add_post("/v1/chat/completions", handlers.chat_completions, expect_handler=handlers.expect_continue)
+    app.router.add_post("/chat/completions", handlers.chat_completions, expect_handler=handlers.expect_continue)
     app.router.add_post("/v1/route", handlers.route)
     app.router.add_post("/v1/feedback", handlers.feedback)
     app.router.add_get("/v1/models", handlers.models)
@@ -51,6 +51,24 @@ async def _start(app: web.Application) -> None:
 
 async def _stop(app: web.Application) -> None:
     await app[GATEWAY].stop()
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why `host:port` cannot be listened on (a bad address, the port taken), checked before
+    any worker starts, or None. Binding without SO_REUSEPORT also catches a second gateway
+    that would otherwise share the port with one already running."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror}"
+    family, kind, proto, _, address = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return None
 
 
 def is_loopback(host: str) -> bool:

@@ -279,8 +279,18 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     return 0 if all(s.ok for s in results) else 1
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must be a positive number of seconds")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chain", action="append", help="only this chain (repeatable; default: all)")
-    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds for the whole run")
+    parser.add_argument("--time-limit", type=_positive_seconds, default=300.0, help="seconds for the whole run")
     parser.add_argument("--json", action="store_true", help="the results as JSON")
     parser.set_defaults(func=cmd_chaos)

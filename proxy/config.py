@@ -34,6 +34,9 @@ LATENCY_CLASSES = ("realtime", "interactive", "batch")
 OUTPUT_FORMATS = ("text", "json_object", "json_schema")
 
 
+RESERVED_RULE_NAMES = ("default", "model", "chain")
+
+
 class ConfigError(Exception):
     """A config file is invalid; the message names the file and the YAML path."""
 
@@ -263,13 +266,27 @@ def _opt(nodes: dict[str, _Node], key: str, read: Callable[[_Node], Any], defaul
     return default if node is None else read(node)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _load_yaml(path: Path) -> _Node:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -519,6 +536,9 @@ def load(providers_path: str | os.PathLike[str], routes_path: str | os.PathLike[
         rules.append(Rule(r["name"].string(), tuple(when), chain_name))
     names = [r.name for r in rules]
     for i, name in enumerate(names):
+        if name in RESERVED_RULE_NAMES:
+            raise r_root["rules"].child(i).child("name").error(
+                f"'{name}' is reserved: X-Route-Rule uses it when no rule applies")
         if name in names[:i]:
             raise r_root["rules"].child(i).child("name").error(f"duplicate rule name '{name}'")
 
@@ -538,14 +558,18 @@ def load(providers_path: str | os.PathLike[str], routes_path: str | os.PathLike[
             fallbacks[name] = targets
 
     keys: list[GatewayKey] = []
-    if "keys" in r_root:
-        for knode in r_root["keys"].items():
-            key = _key(knode, env)
-            if key is None:
-                continue
-            for target in key.allow or ():
-                if target not in models and target not in chains and target != "auto":
-                    raise knode.child("allow").error(f"unknown model or chain '{target}'")
+    key_names: set[str] = set()
+    for knode in (r_root["keys"].items() if "keys" in r_root else []):
+        key = _key(knode, env)
+        fields = knode.value             # `_key` has checked it is a mapping with a string name
+        key_name = str(fields["name"])
+        if key_name in key_names:       # limits, metrics and feedback ownership all go by name
+            raise knode.child("name").error(f"duplicate key name '{key_name}'")
+        key_names.add(key_name)
+        for i, target in enumerate(fields.get("allow") or ()):
+            if target not in models and target not in chains and target != "auto":
+                raise knode.child("allow").child(i).error(f"unknown model or chain '{target}'")
+        if key is not None:
             keys.append(key)
 
     return Config(

@@ -33,17 +33,20 @@ async def _run(config: Config, host: str, port: int, sim_port: int) -> int:
     _, sim_runner, bound = await start_simulator("127.0.0.1", sim_port, DEMO_BEHAVIOUR)
     fleet = simulated(config, bound)
     url = f"http://{host}:{port}"
+    auth = " -H 'Authorization: Bearer $YOUR_GATEWAY_KEY'" if config.auth_required else ""
+    destination = {"stdout": "on stdout", "off": "nowhere (decision_log: off)"}.get(
+        config.server.decision_log, f"in {config.server.decision_log}")
     print(f"""
 llm-proxy demo: the gateway on {url}, a simulated fleet ({', '.join(sorted(config.providers))}) on port {bound}.
 Try:
 
-  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+  curl -N {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} \\
     -d '{{"model": "auto", "stream": true, "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
-  curl {url}/v1/route -H 'X-Task-Type: code' \\
+  curl {url}/v1/route -H 'X-Task-Type: code'{auth} \\
     -d '{{"model": "auto", "messages": [{{"role": "user", "content": "Fix my bug"}}]}}'
 
-Decision records follow on stdout. Ctrl-C stops.
+Decision records go {destination}. Ctrl-C stops.
 """, file=sys.stderr, flush=True)
     try:
         return await run_server(fleet, host, port)

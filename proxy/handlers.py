@@ -301,7 +301,10 @@ async def route(request: web.Request) -> web.Response:
         return error_response(err, {"X-Request-Id": decision.request_id})
     except ClientGone:
         return web.Response(status=CLIENT_CLOSED)
-    return json_response(route_view(plan, decision), headers={"X-Request-Id": decision.request_id})
+    first = plan.candidates[0]
+    return json_response(route_view(plan, decision), headers={   # what the chat answer would carry
+        "X-Request-Id": decision.request_id, "X-Route-Rule": plan.rule, "X-Route-Model": first.model.name,
+        "X-Route-Provider": first.deployments[0].provider.name, "X-Route-Attempts": "0"})
 
 
 def feedback_fields(body: Any) -> tuple[str, float]:
@@ -334,12 +337,39 @@ async def feedback(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    config = request.app[GATEWAY].snapshot.config
+    """The catalogue, as OpenAI lists it: with keys configured, only for a key, and only what
+    that key may name (`allow`)."""
+    snapshot = request.app[GATEWAY].snapshot
+    config = snapshot.config
+    try:
+        key = snapshot.authenticate(request.headers.get("Authorization"))
+    except GatewayError as err:
+        return error_response(err, {})
+    allowed = key.allow if key is not None else None
     data = [{"id": "auto", "object": "model", "created": 0, "owned_by": "llm-proxy"}]
     data += [{"id": name, "object": "model", "created": 0, "owned_by": "llm-proxy:chain"} for name in config.chains]
     data += [{"id": m.name, "object": "model", "created": 0, "owned_by": m.deployments[0].provider.name}
              for m in config.models.values()]
+    if allowed is not None:
+        data = [entry for entry in data if entry["id"] in allowed]
     return json_response({"object": "list", "data": data})
+
+
+async def expect_continue(request: web.Request) -> web.Response | None:
+    """`Expect: 100-continue`: refuse an announced body over the limit before the client
+    sends it, rather than saying 100 Continue and then 413."""
+    limit = request.app[GATEWAY].snapshot.config.server.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return error_response(GatewayError(413, f"request body exceeds {limit} bytes", "invalid_request_error",
+                                           "request_too_large"), {"Connection": "close"})
+    expect = request.headers.get("Expect", "")
+    if request.version >= (1, 1):
+        if expect.lower() != "100-continue":
+            return error_response(GatewayError(417, f"unknown Expect: {expect}", "invalid_request_error",
+                                               "expectation_failed"), {})
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0      # the interim answer is not part of the response body
+    return None
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -187,7 +187,7 @@ def worst_case_cost(model: Model, signals: Signals) -> float:
 def cost_reason(model: Model, signals: Signals, ceiling: float) -> str | None:
     worst = worst_case_cost(model, signals)
     if worst > ceiling:
-        return f"cost ceiling: worst case ${worst:.6f} exceeds ${ceiling:.6f}"
+        return f"cost ceiling: worst case ${worst:.6f} exceeds ${ceiling:.6g}"
     return None
 
 

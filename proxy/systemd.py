@@ -130,5 +130,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--user", default="llm-proxy", help="system user the service runs as")
     parser.add_argument("--env-file", default=DEFAULT_ENV_FILE,
-                        help=f"file with the key variables, mode 0600 (default {DEFAULT_ENV_FILE})")
+                        help=f"file with the key variables, mode 0640 (default {DEFAULT_ENV_FILE})")
     parser.set_defaults(func=cmd_systemd_unit)

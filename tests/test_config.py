@@ -120,3 +120,26 @@ def test_secrets_stay_out_of_repr(tmp_path: Path) -> None:
     config = config_module.load(p, r, env={"P_KEY": "sk-very-secret-value"})
     assert config.providers["p"].api_key == "sk-very-secret-value"
     assert "sk-very-secret-value" not in repr(config)
+
+
+@pytest.mark.parametrize("routes_extra,message", [
+    ({"keys": [{"name": "a", "key_env": "UNSET_A", "tier": "free", "allow": ["nope"]}]},
+     "routes.yaml: keys[0].allow[0]: unknown model or chain 'nope'"),
+    ({"keys": [{"name": "a", "key_env": "UNSET_A", "tier": "free"},
+               {"name": "a", "key_env": "UNSET_B", "tier": "free"}]},
+     "routes.yaml: keys[1].name: duplicate key name 'a'"),
+    ({"rules": [{"name": "default", "chain": "main"}]}, "routes.yaml: rules[0].name: 'default' is reserved"),
+])
+def test_key_and_rule_mistakes_are_errors(tmp_path: Path, routes_extra: dict, message: str) -> None:
+    p, r = write(tmp_path, PROVIDERS, {**ROUTES, **routes_extra})
+    with pytest.raises(config_module.ConfigError) as caught:
+        config_module.load(p, r, env={})        # checked even while the key variables are unset
+    assert message in str(caught.value)
+
+
+def test_a_key_given_twice_in_yaml_is_an_error(tmp_path: Path) -> None:
+    p, r = write(tmp_path, PROVIDERS, ROUTES)
+    r.write_text("chains: {main: [big]}\ndefault: main\nchains: {other: [small]}\n")
+    result = run_check(p, r)
+    assert result.returncode == 1
+    assert "routes.yaml (line 3)" in result.stderr and "'chains' is given twice" in result.stderr

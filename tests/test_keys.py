@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
@@ -133,3 +134,32 @@ async def test_a_reload_cannot_drop_the_keys_of_a_public_gateway(keyed: RunningG
     assert gateway.reload() is True
     status, _, _ = await _post(keyed, "/chat/completions", BODY, {})
     assert status == 200
+
+
+async def test_models_list_needs_a_key_and_shows_what_it_may_use(keyed: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(keyed.base + "/models") as resp:
+            assert resp.status == 401
+        async with session.get(keyed.base + "/models", headers=_bearer(BATCH_KEY)) as resp:
+            batch = {m["id"] for m in (await resp.json())["data"]}
+        async with session.get(keyed.base + "/models", headers=_bearer(WEB_KEY)) as resp:
+            web = {m["id"] for m in (await resp.json())["data"]}
+    assert batch == {"auto", "main"}
+    assert web == {"auto", "main", "spare", "fast", "other"}
+
+
+async def test_route_answer_carries_the_route_headers(keyed: RunningGateway) -> None:
+    status, headers, body = await _post(keyed, "/route", BODY, _bearer(WEB_KEY))
+    assert status == 200
+    assert (headers["X-Route-Rule"], headers["X-Route-Model"], headers["X-Route-Attempts"]) == ("default", "fast", "0")
+    assert headers["X-Route-Provider"] == "sim-openai" and body["candidates"][0]["model"] == "fast"
+
+
+async def test_an_announced_oversized_body_is_refused_before_it_is_sent(keyed: RunningGateway) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(keyed.url.rsplit(":", 1)[1]))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Expect: 100-continue\r\nContent-Length: 999999999\r\n\r\n")
+    await writer.drain()
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 413"), status_line

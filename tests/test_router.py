@@ -127,7 +127,7 @@ def _chain_router(tmp_path: Path) -> Router:
     ({"tools": True}, "textonly", "capability: tools need 'tools'"),
     ({"images": True}, "textonly", "capability: images need 'vision'"),
     ({"region": "us"}, "euonly", "region: no deployment in 'us'"),
-    ({"max_cost_usd": 0.4, "max_tokens": 1000}, "pricey", "cost ceiling: worst case $0.450000 exceeds $0.400000"),
+    ({"max_cost_usd": 0.4, "max_tokens": 1000}, "pricey", "cost ceiling: worst case $0.450000 exceeds $0.4"),
 ])
 def test_each_skip_reason(tmp_path: Path, overrides: dict[str, Any], skipped: str, reason: str) -> None:
     plan = _chain_router(tmp_path).plan(make_signals(**overrides), "auto")
