@@ -1,12 +1,14 @@
 """`llm-proxy chaos`: prove that every configured fallback step really triggers.
 
-The configured chains (the shipped routes.yaml by default) run in front of an in-process
-simulated fleet on 127.0.0.1. For each chain and each step k, the first k usable models
-are made to fail (a different fault each step: 503, 429 with Retry-After, a silent route,
-a reset, an in-band error, 500) and one streamed request must be served, completely, by
-model k+1. Then every model fails at once (the client must get a clean error status),
-and the primary is cut mid-stream (the client must get an error event without `[DONE]`,
-or the whole text when the chain opted into continuation and a `prefill` model follows).
+The configured fallback paths (the shipped routes.yaml by default): every chain, and
+every `fallbacks:` entry (a model named directly, then its fallbacks), run in front of an
+in-process simulated fleet on 127.0.0.1. For each path and each step k, the first k usable
+models are made to fail and one streamed request must be served, completely, by model k+1.
+The faults rotate through 503, 429 with Retry-After, a silent route, a reset, an in-band
+error and 500, continuing from path to path, so every kind is exercised. Then every model
+fails at once (the client must get a clean error status), and the primary is cut
+mid-stream (the client must get an error event without `[DONE]`, or the whole text when
+the chain opted into continuation and a `prefill` model follows).
 
 Each step runs on a fresh gateway (fresh breakers and buckets), so steps do not leak
 into each other. Models whose wire protocol has no registered adapter are reported as
@@ -157,14 +159,22 @@ def upstream_names(model: Model) -> list[str]:
     return [d.upstream_model for d in model.deployments]
 
 
-def plan_steps(chain: Chain, config: Config, protocols: set[str]
+def paths(config: Config, only: list[str] | None) -> list[tuple[str, str, Chain]]:
+    """(label, the request's model, the models in order) of every configured fallback path."""
+    found = [(name, name, chain) for name, chain in config.chains.items()]
+    found += [(f"fallbacks.{model}", model, Chain(model, (model, *targets)))
+              for model, targets in config.fallbacks.items()]
+    return [p for p in found if only is None or p[0] in only]
+
+
+def plan_steps(chain: Chain, config: Config, protocols: set[str], first_fault: int = 0
                ) -> list[tuple[str, str, dict[str, str], Any]]:
-    """(name, expectation, faults by upstream model, check) for one chain."""
+    """(name, expectation, faults by upstream model, check) for one path."""
     models = [config.models[m] for m in chain.models]
     live = [m for m in models if usable(m, protocols)]
     steps: list[tuple[str, str, dict[str, str], Any]] = []
     for k in range(1, len(live)):
-        fault = STEP_FAULTS[(k - 1) % len(STEP_FAULTS)]
+        fault = STEP_FAULTS[(first_fault + k - 1) % len(STEP_FAULTS)]
         faults = {name: fault for m in live[:k] for name in upstream_names(m)}
         target = live[k].name
         failing = ", ".join(m.name for m in live[:k])
@@ -209,8 +219,8 @@ async def run_step(config: Config, sim: Simulator, chain: str, faults: dict[str,
         sim.faults.clear()
 
 
-async def run_chaos(config: Config, chains: list[str], limit_s: float) -> list[Step]:
-    """Every step of every chain; bounded by `limit_s` in total."""
+async def run_chaos(config: Config, only: list[str] | None, limit_s: float) -> list[Step]:
+    """Every step of every path (or of the paths named in `only`); bounded by `limit_s` in total."""
     protocols = set(registry())
     sim, sim_runner, port = await start_simulator("127.0.0.1", 0, Behaviour(tokens=TOKENS))
     sim.record = False
@@ -218,18 +228,20 @@ async def run_chaos(config: Config, chains: list[str], limit_s: float) -> list[S
     results: list[Step] = []
     try:
         async with asyncio.timeout(limit_s):
-            for name in chains:
-                chain = fleet.chains[name]
+            rotation = 0
+            for name, requested, chain in paths(fleet, only):
                 for model in chain.models:
                     if not usable(fleet.models[model], protocols):
                         apis = sorted({d.provider.api for d in fleet.models[model].deployments})
                         results.append(Step(name, model, "-", f"no adapter registered for {', '.join(apis)}",
                                             ok=True, skipped=True))
-                for step_name, expect, faults, check in plan_steps(chain, fleet, protocols):
+                steps = plan_steps(chain, fleet, protocols, rotation)
+                rotation += max(0, len(chain.models) - 1)
+                for step_name, expect, faults, check in steps:
                     step = Step(name, step_name, expect)
                     started = time.monotonic()
                     try:
-                        answer = await run_step(fleet, sim, name, faults)
+                        answer = await run_step(fleet, sim, requested, faults)
                         step.saw, step.ok = answer.describe(), bool(check(answer))
                     except (aiohttp.ClientError, TimeoutError) as exc:
                         step.saw = f"no answer: {type(exc).__name__}"
@@ -250,7 +262,7 @@ def report(results: list[Step]) -> str:
     for step in results:
         if step.chain != current:
             current = step.chain
-            lines.append(f"chain {current}")
+            lines.append(f"{'path' if current.startswith('fallbacks.') else 'chain'} {current}")
         if step.skipped:
             lines.append(f"  skip {step.name}: {step.saw}")
             continue
@@ -266,12 +278,12 @@ def cmd_chaos(args: argparse.Namespace) -> int:
     from .__main__ import load_or_exit
 
     config = load_or_exit(args)
-    chains = args.chain or list(config.chains)
-    unknown = [c for c in chains if c not in config.chains]
+    known = [label for label, _, _ in paths(config, None)]
+    unknown = [c for c in args.chain or () if c not in known]
     if unknown:
-        print(f"error: unknown chain {', '.join(unknown)} (known: {', '.join(config.chains)})", file=sys.stderr)
+        print(f"error: unknown chain {', '.join(unknown)} (known: {', '.join(known)})", file=sys.stderr)
         return 2
-    results = asyncio.run(run_chaos(config, chains, args.time_limit))
+    results = asyncio.run(run_chaos(config, args.chain, args.time_limit))
     if args.json:
         print(orjson.dumps([dataclasses.asdict(s) for s in results], option=orjson.OPT_INDENT_2).decode())
     else:
@@ -290,7 +302,8 @@ def _positive_seconds(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--chain", action="append", help="only this chain (repeatable; default: all)")
+    parser.add_argument("--chain", action="append",
+                        help="only this path: a chain name or fallbacks.MODEL (repeatable; default: all)")
     parser.add_argument("--time-limit", type=_positive_seconds, default=300.0, help="seconds for the whole run")
     parser.add_argument("--json", action="store_true", help="the results as JSON")
     parser.set_defaults(func=cmd_chaos)

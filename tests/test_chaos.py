@@ -75,3 +75,25 @@ def test_shipped_standard_chain_passes_across_protocols(capsys: pytest.CaptureFi
     assert code == 0, out
     assert "chain standard" in out and "FAIL" not in out
     assert "fail (503): expected complete stream from gpt-4.1" in out
+
+
+def test_plan_covers_fallbacks_entries_and_rotates_through_every_fault() -> None:
+    from proxy import config as config_module
+    from proxy.chaos import STEP_FAULTS, paths, plan_steps
+    from proxy.providers import registry
+
+    from .conftest import ROOT
+
+    config = config_module.load(ROOT / "providers.yaml", ROOT / "routes.yaml", env={})
+    found = paths(config, None)
+    labels = [label for label, _, _ in found]
+    assert set(config.chains) <= set(labels)
+    assert {f"fallbacks.{m}" for m in config.fallbacks} <= set(labels)
+    rotation, used = 0, set()
+    for _, requested, chain in found:
+        assert requested == chain.models[0] or requested in config.chains
+        for name, _, _, _ in plan_steps(chain, config, set(registry()), rotation):
+            if " fail (" in name:
+                used.add(name.rsplit("(", 1)[1].rstrip(")"))
+        rotation += len(chain.models) - 1
+    assert used == set(STEP_FAULTS)
