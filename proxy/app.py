@@ -58,13 +58,15 @@ def listen_problem(host: str, port: int) -> str | None:
     any worker starts, or None. Binding without SO_REUSEPORT also catches a second gateway
     that would otherwise share the port with one already running."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         return f"cannot listen on {host}:{port}: {exc.strerror}"
     family, kind, proto, _, address = infos[0]
     try:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:       # as the server itself binds: IPv6 only
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             probe.bind(address)
     except OSError as exc:
         return f"cannot listen on {host}:{port}: {exc.strerror}"

@@ -34,7 +34,8 @@ LATENCY_CLASSES = ("realtime", "interactive", "batch")
 OUTPUT_FORMATS = ("text", "json_object", "json_schema")
 
 
-RESERVED_RULE_NAMES = ("default", "model", "chain")
+RESERVED_RULE_NAMES = ("default", "model", "chain", "none")
+KEY_FIELDS = ("name", "key_env", "key_sha256", "tier", "trust_tier_header", "allow", "rpm")
 
 
 class ConfigError(Exception):
@@ -272,11 +273,18 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *anchor` merges are fine
+                continue
             key = self.construct_object(key_node, deep=deep)
-            if key in seen:
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "found an unhashable key", key_node.start_mark) from None
+            if duplicate:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"'{key}' is given twice in one mapping", key_node.start_mark)
-            seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 
@@ -430,7 +438,9 @@ def _chain(name: str, node: _Node) -> Chain:
 
 
 def _key(node: _Node, env: Mapping[str, str]) -> GatewayKey | None:
-    m = node.mapping(("name", "key_env", "key_sha256", "tier", "trust_tier_header", "allow", "rpm"), ("name", "tier"))
+    m = node.mapping(KEY_FIELDS, ("name", "tier"))
+    if "allow" in m:
+        m["allow"].strings()            # checked even when the key's variable is unset
     if ("key_env" in m) == ("key_sha256" in m):
         raise node.error("give exactly one of key_env or key_sha256")
     if "key_env" in m:
@@ -561,12 +571,12 @@ def load(providers_path: str | os.PathLike[str], routes_path: str | os.PathLike[
     key_names: set[str] = set()
     for knode in (r_root["keys"].items() if "keys" in r_root else []):
         key = _key(knode, env)
-        fields = knode.value             # `_key` has checked it is a mapping with a string name
-        key_name = str(fields["name"])
+        fields = knode.mapping(KEY_FIELDS)   # `_key` has checked its shape; read it again here
+        key_name = fields["name"].string()
         if key_name in key_names:       # limits, metrics and feedback ownership all go by name
             raise knode.child("name").error(f"duplicate key name '{key_name}'")
         key_names.add(key_name)
-        for i, target in enumerate(fields.get("allow") or ()):
+        for i, target in enumerate(fields["allow"].strings() if "allow" in fields else ()):
             if target not in models and target not in chains and target != "auto":
                 raise knode.child("allow").child(i).error(f"unknown model or chain '{target}'")
         if key is not None:

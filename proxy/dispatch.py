@@ -190,8 +190,8 @@ class Dispatcher:
             return None
         if last_caller is None and not ex.decision.attempts:
             last_caller = unsendable
-        open_wait = None if open_longest is None else \
-            max(0.0, self.state.breaker(open_longest.id).open_until - self.clock())
+        oldest = None if open_longest is None else self.state.breaker(open_longest.id)
+        open_wait = None if oldest is None else max(0.0, max(oldest.open_until, oldest.held_until) - self.clock())
         raise final_error(ex.decision.attempts, last_caller, rate_limited_wait, open_wait)
 
     async def _probe_oldest(self, ex: Exchange, oldest: Deployment, tokens: int, client: ClientStream | None
@@ -543,6 +543,9 @@ def final_error(attempts: list[AttemptRecord], caller: UpstreamFailure | None,
     listing = "; ".join(f"{a.model} via {a.provider}: {a.failure}{f' {a.status}' if a.status else ''}"
                         f" ({a.message})" for a in attempts)
     kinds = {a.failure for a in attempts}
+    if not attempts and rate_limited_wait is None and open_wait is None:
+        return GatewayError(502, "no deployment of any candidate is available", "upstream_error",
+                            "no_deployment", outcome="upstream_failed")
     if not attempts and rate_limited_wait is None:
         # Nothing could be tried: every breaker is open and the one probe allowed is already out.
         after = max(1, math.ceil(open_wait)) if open_wait is not None else 1

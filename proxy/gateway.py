@@ -88,6 +88,7 @@ class Gateway:
         self.metrics = Metrics(self)
         self.recent: OrderedDict[str, Served] = OrderedDict()
         self.snapshot = self._build(config)
+        self._longest_request_s = config.server.request_timeout_s   # how long an old snapshot may live on
         self.ready = False
         self.draining = False           # SIGTERM seen: /readyz answers 503
         self.cut_off = False            # the drain deadline passed: requests still running are ended
@@ -141,7 +142,8 @@ class Gateway:
         self.snapshot = snapshot
         self.state.set_breaker_policy(new.server.breaker)
         # Requests still on the old snapshot may use its sessions until their own deadline.
-        self.transport.retire(new.providers.values(), grace_s=old.server.request_timeout_s + 5)
+        self._longest_request_s = max(self._longest_request_s, old.server.request_timeout_s)
+        self.transport.retire(new.providers.values(), grace_s=self._longest_request_s + 5)
         if new.server.decision_log != self.decisions.destination:
             log.warning("decision_log destination changes take effect on restart")
         self.decisions.reopen()

@@ -214,6 +214,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     snapshot = gateway.snapshot                 # pinned: a reload does not change this request
     decision = Decision(request_id(request), gateway.clock())
     writer: SSEWriter | None = None
+    plain: web.Response | None = None           # a whole answer, once it is being written
     task = asyncio.current_task()
     assert task is not None
     gateway.in_flight.add(task)                 # the drain waits for this set to empty
@@ -228,8 +229,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             return writer.response
         payload = await snapshot.dispatcher.run(exchange, None)
         assert payload is not None
-        return await send_now(request, web.Response(body=payload, headers=_answer_headers(decision),
-                                                    content_type="application/json"))
+        plain = web.Response(body=payload, headers=_answer_headers(decision), content_type="application/json")
+        return await send_now(request, plain)
     except GatewayError as err:
         decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
         response = error_response(err, _answer_headers(decision))
@@ -238,12 +239,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return response
     except ClientGone:
         _client_left(decision, writer)
+        if writer is not None and writer.committed and request.transport is not None:
+            # A stream we gave up on (the client stopped reading): break the connection, so that
+            # aiohttp cannot end the chunked body cleanly, which a client would take as complete.
+            request.transport.abort()
         return writer.response if writer is not None and writer.response is not None else web.Response()
     except asyncio.CancelledError:
         if not gateway.cut_off:
             _client_left(decision, writer)
             raise
         task.uncancel()                         # our own drain deadline, not the client: answer it
+        if plain is not None and plain.prepared:    # the status line is out: never a second answer
+            decision.outcome, decision.error = "shutdown", "drain deadline passed while writing the answer"
+            if request.transport is not None:
+                request.transport.abort()
+            return plain
         return await _cut_off(writer, decision)
     except Exception:
         if writer is not None and writer.response is not None:     # the status line is gone already
@@ -356,12 +366,12 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def expect_continue(request: web.Request) -> web.Response | None:
-    """`Expect: 100-continue`: refuse an announced body over the limit before the client
-    sends it, rather than saying 100 Continue and then 413."""
+    """`Expect: 100-continue`: an announced body over the limit gets no 100 Continue; the
+    handler then answers 413 from the Content-Length alone, through the usual path (the key
+    checked first, one decision record, the X-Route-* headers), before reading any body."""
     limit = request.app[GATEWAY].snapshot.config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        return error_response(GatewayError(413, f"request body exceeds {limit} bytes", "invalid_request_error",
-                                           "request_too_large"), {"Connection": "close"})
+        return None
     expect = request.headers.get("Expect", "")
     if request.version >= (1, 1):
         if expect.lower() != "100-continue":

@@ -126,8 +126,10 @@ def cmd_systemd_unit(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address the service listens on (default 0.0.0.0 when routes.yaml has "
                                        "keys, else 127.0.0.1: without keys the gateway serves loopback only)")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--workers", type=int, default=1)
+    from .__main__ import port_number, positive_int
+
+    parser.add_argument("--port", type=port_number, default=8080)
+    parser.add_argument("--workers", type=positive_int, default=1)
     parser.add_argument("--user", default="llm-proxy", help="system user the service runs as")
     parser.add_argument("--env-file", default=DEFAULT_ENV_FILE,
                         help=f"file with the key variables, mode 0640 (default {DEFAULT_ENV_FILE})")

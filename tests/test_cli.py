@@ -41,3 +41,12 @@ def test_a_taken_port_is_reported_before_serving() -> None:
     assert result.returncode == 2
     assert f"error: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_empty_host_means_every_interface() -> None:
+    from proxy.app import listen_problem
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    assert listen_problem("", free) is None

@@ -143,3 +143,28 @@ def test_a_key_given_twice_in_yaml_is_an_error(tmp_path: Path) -> None:
     result = run_check(p, r)
     assert result.returncode == 1
     assert "routes.yaml (line 3)" in result.stderr and "'chains' is given twice" in result.stderr
+
+
+def test_yaml_merge_keys_still_load_and_unhashable_keys_are_clean_errors(tmp_path: Path) -> None:
+    p, r = write(tmp_path, PROVIDERS, ROUTES)
+    p.write_text("""
+providers:
+  p: {api: openai, base_url: "http://127.0.0.1:9/v1"}
+models:
+  big: &base {tier: 3, context_window: 1000, price: {input: 1, output: 2}, deployments: [{provider: p}]}
+  small: {<<: *base, tier: 2}
+""")
+    assert config_module.load(p, r, env={}).models["small"].tier == 2
+    r.write_text("chains: {main: [big]}\ndefault: main\n? [a, b]\n: 1\n")
+    with pytest.raises(config_module.ConfigError) as caught:
+        config_module.load(p, r, env={})
+    assert "routes.yaml (line 3)" in str(caught.value) and "unhashable" in str(caught.value)
+
+
+@pytest.mark.parametrize("allow", [[{"a": 1}], "big"])
+def test_allow_must_be_a_list_of_names_even_with_the_key_unset(tmp_path: Path, allow: object) -> None:
+    p, r = write(tmp_path, PROVIDERS, {**ROUTES, "keys": [{"name": "k", "key_env": "UNSET", "tier": "free",
+                                                           "allow": allow}]})
+    with pytest.raises(config_module.ConfigError) as caught:
+        config_module.load(p, r, env={})
+    assert "routes.yaml: keys[0].allow" in str(caught.value)

@@ -3,9 +3,11 @@ every reservation and probe slot given back."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from .conftest import Fleet, MakeGateway, model_entry
@@ -125,3 +127,72 @@ async def test_a_reload_retires_sessions_no_provider_uses_any_more(make_gateway:
     assert transport.session(provider) is not old
     await asyncio.sleep(0.2)
     assert old.closed
+
+
+async def _raw_post(port: int, body: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client with a tiny receive buffer, so that not reading fills the gateway's buffers fast."""
+    import socket
+
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(raw, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=raw, limit=1 << 16)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    return reader, writer
+
+
+async def _read_to_end(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    data = b""
+    async with asyncio.timeout(seconds):
+        while chunk := await reader.read(1 << 20):
+            data += chunk
+    return data
+
+
+async def test_a_client_that_stops_reading_gets_a_broken_stream_not_a_clean_end(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"m": model_entry("ok-n20000")},
+                            timeouts={"connect_s": 1, "first_token_s": 5, "idle_s": 5, "total_s": 1.5})
+    body = orjson.dumps({"model": "m", "stream": True, "messages": [USER]})
+    reader, writer = await _raw_post(int(gw.url.rsplit(":", 1)[1]), body)
+    first = await reader.read(2000)
+    assert first.startswith(b"HTTP/1.1 200")
+    writer.transport.pause_reading()                    # the client stops reading
+    await asyncio.sleep(2.5)                            # past the attempt's total budget
+    writer.transport.resume_reading()
+    data = first + await _read_to_end(reader, 10)
+    writer.close()
+    assert b"[DONE]" not in data
+    assert not data.endswith(b"0\r\n\r\n"), "the chunked body must not end cleanly"
+    assert in_flight(gw) == 0
+
+
+async def test_drain_deadline_while_writing_a_plain_answer_sends_no_second_answer(fleet: Fleet, tmp_path,
+                                                                                 monkeypatch) -> None:
+    from proxy import config as config_module
+    from proxy.app import drain
+
+    from .conftest import serve, write_config
+
+    monkeypatch.setenv("SIM_PROVIDER_KEY", "sk-sim-provider-secret-0001")
+    p, r = write_config(tmp_path, fleet, {"m": model_entry("ok-n600000")},
+                        timeouts={"connect_s": 1, "first_token_s": 30, "idle_s": 30, "total_s": 60})
+    gw, runner = await serve(config_module.load(p, r))
+    try:
+        reader, writer = await _raw_post(int(gw.url.rsplit(":", 1)[1]),
+                                         orjson.dumps({"model": "m", "messages": [USER]}))
+        writer.transport.pause_reading()
+        for _ in range(100):                            # until the big answer is being written
+            await asyncio.sleep(0.05)
+            if not gw.gateway.in_flight:
+                break
+        await asyncio.sleep(0.5)
+        await drain(gw.gateway, runner, 0.2)
+        writer.transport.resume_reading()
+        data = await _read_to_end(reader, 10)
+        writer.close()
+    finally:
+        await runner.cleanup()
+    assert data.count(b"HTTP/1.1 ") == 1, data[:200]

@@ -155,11 +155,23 @@ async def test_route_answer_carries_the_route_headers(keyed: RunningGateway) -> 
     assert headers["X-Route-Provider"] == "sim-openai" and body["candidates"][0]["model"] == "fast"
 
 
-async def test_an_announced_oversized_body_is_refused_before_it_is_sent(keyed: RunningGateway) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", int(keyed.url.rsplit(":", 1)[1]))
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Expect: 100-continue\r\nContent-Length: 999999999\r\n\r\n")
-    await writer.drain()
-    status_line = await reader.readline()
-    writer.close()
-    assert status_line.startswith(b"HTTP/1.1 413"), status_line
+async def test_an_oversized_announced_body_is_checked_after_the_key_and_recorded(keyed: RunningGateway,
+                                                                                tmp_path: Path) -> None:
+    port = int(keyed.url.rsplit(":", 1)[1])
+
+    async def status_of(headers: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Expect: 100-continue\r\nContent-Length: 999999999\r\nX-Request-Id: big-1\r\n"
+                     + headers + b"\r\n")
+        await writer.drain()
+        line = await reader.readline()
+        writer.close()
+        return line
+
+    assert (await status_of(b"")).startswith(b"HTTP/1.1 401")
+    assert (await status_of(b"Authorization: Bearer " + WEB_KEY.encode() + b"\r\n")).startswith(b"HTTP/1.1 413")
+    await keyed.gateway.decisions.flush()
+    records = [orjson.loads(line) for line in (tmp_path / "decisions.jsonl").read_bytes().splitlines()]
+    assert [(r["request_id"], r["status"]) for r in records if r.get("request_id") == "big-1"] == \
+        [("big-1", 401), ("big-1", 413)]
