@@ -32,6 +32,7 @@ from .sse import frame
 
 log = logging.getLogger("proxy.handlers")
 GATEWAY = web.AppKey("gateway", Gateway)
+SEND_TIMEOUT_S = 30.0           # for a whole answer to leave once it is ready, however slow the reader
 FEEDBACK_MAX_BYTES = 16 * 1024
 CLIENT_CLOSED = 499             # the status recorded when the client left before any answer
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -72,13 +73,20 @@ class SSEWriter:
             raise ClientGone() from exc
 
 
-async def send_now(request: web.Request, response: web.Response) -> web.Response:
+async def send_now(request: web.Request, response: web.Response, within_s: float = SEND_TIMEOUT_S
+                   ) -> web.Response:
     """Put a whole answer on the wire before returning it, so that the bookkeeping in the
     handler's `finally` (decision record, metrics) runs after the client has its bytes
-    rather than in front of them."""
+    rather than in front of them. A client that will not read it within `within_s` is cut
+    off (the connection aborted) rather than allowed to pin the handler."""
     try:
-        await response.prepare(request)
-        await response.write_eof()
+        async with asyncio.timeout(max(0.001, within_s)):
+            await response.prepare(request)
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ClientGone() from None
     except (ConnectionError, aiohttp.ClientError) as exc:
         raise ClientGone() from exc
     return response
@@ -230,7 +238,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         payload = await snapshot.dispatcher.run(exchange, None)
         assert payload is not None
         plain = web.Response(body=payload, headers=_answer_headers(decision), content_type="application/json")
-        return await send_now(request, plain)
+        return await send_now(request, plain, deadline - gateway.clock())
     except GatewayError as err:
         decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
         response = error_response(err, _answer_headers(decision))
@@ -239,6 +247,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return response
     except ClientGone:
         _client_left(decision, writer)
+        if plain is not None:                   # never a second answer after the first began
+            return plain
         if writer is not None and writer.committed and request.transport is not None:
             # A stream we gave up on (the client stopped reading): break the connection, so that
             # aiohttp cannot end the chunked body cleanly, which a client would take as complete.

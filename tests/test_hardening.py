@@ -196,3 +196,22 @@ async def test_drain_deadline_while_writing_a_plain_answer_sends_no_second_answe
     finally:
         await runner.cleanup()
     assert data.count(b"HTTP/1.1 ") == 1, data[:200]
+
+
+async def test_a_client_that_will_not_read_a_plain_answer_is_cut_off_at_the_deadline(
+        make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"m": model_entry("ok-n600000")},
+                            {"chains": {"main": ["m"]}, "default": "main", "server": {"request_timeout_s": 3}},
+                            timeouts={"connect_s": 1, "first_token_s": 5, "idle_s": 5, "total_s": 30})
+    reader, writer = await _raw_post(int(gw.url.rsplit(":", 1)[1]), orjson.dumps({"model": "m", "messages": [USER]}))
+    writer.transport.pause_reading()
+    for _ in range(120):                                # the handler gives up by the request's deadline
+        await asyncio.sleep(0.05)
+        if not gw.gateway.in_flight and _ > 10:
+            break
+    assert not gw.gateway.in_flight, "a reader that never reads must not pin the handler"
+    writer.transport.resume_reading()
+    data = await _read_to_end(reader, 10)
+    writer.close()
+    assert data.count(b"HTTP/1.1 ") <= 1
+    assert in_flight(gw) == 0
