@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
+
 from ..config import Deployment
 from ..errors import FailureClass, UpstreamFailure
 from ..usage import Usage
@@ -48,6 +50,21 @@ class StreamTranslator(Protocol):
     def close(self) -> Sequence[bytes]:
         """Frames still owed to the client once the upstream has ended (usage, a last chunk)."""
         ...
+
+
+class StreamState:
+    """The state every `StreamTranslator` keeps and dispatch reads; translators extend it."""
+
+    __slots__ = ("include_usage", "collect_text", "content_seen", "finished", "finish_reason", "usage", "text")
+
+    def __init__(self, include_usage: bool, collect_text: bool) -> None:
+        self.include_usage = include_usage
+        self.collect_text = collect_text
+        self.content_seen = False
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.text: list[str] = []
 
 
 class Adapter(Protocol):
@@ -83,6 +100,30 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
     except (TypeError, ValueError):
         return None
     return max(0.0, when - (time.time() if now is None else now))
+
+
+def json_event(data: bytes) -> dict[str, Any] | None:
+    """One stream event's JSON object, or None for a malformed or non-object event (which
+    every translator drops, so the client's stream stays valid)."""
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return event if type(event) is dict else None
+
+
+def error_in_body(status: int, body: bytes) -> Any:
+    """The `error` member of an error answer's JSON body (a bare object, or the first item
+    of a JSON array as Gemini's array streams send it); a stand-in naming the status when
+    the body holds none."""
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, list) and parsed:
+        parsed = parsed[0]
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    return error if error is not None else {"message": f"upstream answered HTTP {status}"}
 
 
 _CONTEXT_CODES = frozenset(("context_length_exceeded", "string_above_max_length"))

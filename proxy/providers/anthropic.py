@@ -32,7 +32,7 @@ import orjson
 from ..config import Deployment
 from ..errors import FailureClass, UpstreamFailure
 from ..usage import Usage
-from . import UpstreamRequest, classify_error_object, retry_after_s
+from . import UpstreamRequest, classify_error_object, error_in_body, json_event, retry_after_s
 from .shape import (
     TranslatedStream,
     completion,
@@ -227,11 +227,8 @@ class AnthropicStream(TranslatedStream):
         self._tool_index: dict[int, int] = {}    # Anthropic block index -> OpenAI tool_call index
 
     def feed(self, name: str | None, data: bytes) -> Sequence[bytes]:
-        try:
-            event = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return ()                                   # malformed: drop it, keep the stream valid
-        if type(event) is not dict:
+        event = json_event(data)
+        if event is None:
             return ()
         kind = event.get("type") or name
         if kind == "content_block_delta":
@@ -304,11 +301,4 @@ class AnthropicAdapter:
         return AnthropicStream(deployment.upstream_model, include_usage, collect_text)
 
     def classify(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
-        error = parsed.get("error") if isinstance(parsed, dict) else None
-        if error is None:
-            error = {"message": f"upstream answered HTTP {status}"}
-        return classify_error(error, status, in_stream=False, retry_after=retry_after_s(headers))
+        return classify_error(error_in_body(status, body), status, in_stream=False, retry_after=retry_after_s(headers))

@@ -29,7 +29,7 @@ import orjson
 from ..config import Deployment
 from ..errors import FailureClass, UpstreamFailure
 from ..usage import Usage
-from . import UpstreamRequest, classify_error_object, retry_after_s
+from . import UpstreamRequest, classify_error_object, error_in_body, json_event, retry_after_s
 from .shape import (
     TranslatedStream,
     completion,
@@ -272,11 +272,8 @@ class GeminiStream(TranslatedStream):
         self._calls = 0
 
     def feed(self, name: str | None, data: bytes) -> Sequence[bytes]:
-        try:
-            response = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return ()                                   # malformed: drop it, keep the stream valid
-        if type(response) is not dict:
+        response = json_event(data)
+        if response is None:
             return ()
         if "error" in response:
             raise classify_error(response["error"], None, in_stream=True)
@@ -339,13 +336,5 @@ class GeminiAdapter:
         return GeminiStream(deployment.upstream_model, include_usage, collect_text)
 
     def classify(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
-        if isinstance(parsed, list) and parsed:        # errors of a JSON-array stream come wrapped in a list
-            parsed = parsed[0]
-        error = parsed.get("error") if isinstance(parsed, dict) else None
-        if error is None:
-            error = {"message": f"upstream answered HTTP {status}"}
-        return classify_error(error, status, in_stream=False, retry_after=retry_after_s(headers))
+        return classify_error(error_in_body(status, body), status, in_stream=False,
+                              retry_after=retry_after_s(headers))

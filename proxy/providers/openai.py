@@ -19,7 +19,7 @@ from ..config import Deployment
 from ..errors import FailureClass, UpstreamFailure
 from ..sse import DONE
 from ..usage import Usage
-from . import UpstreamRequest, classify_error_object, retry_after_s
+from . import StreamState, UpstreamRequest, classify_error_object, error_in_body, json_event, retry_after_s
 
 
 def parse_usage(raw: Any) -> Usage | None:
@@ -34,27 +34,15 @@ def parse_usage(raw: Any) -> Usage | None:
                  cached_input_tokens=cached, reasoning_tokens=reasoning)
 
 
-class OpenAIStream:
-    __slots__ = ("include_usage", "collect_text", "content_seen", "finished", "finish_reason", "usage", "text")
-
-    def __init__(self, include_usage: bool, collect_text: bool) -> None:
-        self.include_usage = include_usage
-        self.collect_text = collect_text
-        self.content_seen = False
-        self.finished = False
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        self.text: list[str] = []
+class OpenAIStream(StreamState):
+    __slots__ = ()
 
     def feed(self, name: str | None, data: bytes) -> Sequence[bytes]:
         if data == DONE:
             self.finished = True
             return ()
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            return ()                                   # malformed: drop it, keep the stream valid
-        if type(chunk) is not dict:
+        chunk = json_event(data)
+        if chunk is None:
             return ()
         if "error" in chunk:
             raise classify_error_object(chunk["error"], None, in_stream=True)
@@ -124,11 +112,5 @@ class OpenAIAdapter:
         return OpenAIStream(include_usage, collect_text)
 
     def classify(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
-        try:
-            parsed = orjson.loads(body) if body else None
-        except orjson.JSONDecodeError:
-            parsed = None
-        error = parsed.get("error") if isinstance(parsed, dict) else None
-        if error is None:
-            error = {"message": f"upstream answered HTTP {status}"}
-        return classify_error_object(error, status, in_stream=False, retry_after=retry_after_s(headers))
+        return classify_error_object(error_in_body(status, body), status, in_stream=False,
+                                     retry_after=retry_after_s(headers))

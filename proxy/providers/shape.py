@@ -20,6 +20,7 @@ import orjson
 
 from ..errors import FailureClass, UpstreamFailure
 from ..usage import Usage
+from . import StreamState
 
 
 def unsupported(message: str) -> UpstreamFailure:
@@ -109,7 +110,7 @@ def function_call(call_id: str, name: str, arguments: str) -> dict[str, Any]:
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
-class TranslatedStream:
+class TranslatedStream(StreamState):
     """The state every translated stream keeps, and the chunks it emits.
 
     Subclasses decode their protocol's events in `feed` and call the emitters below;
@@ -117,14 +118,8 @@ class TranslatedStream:
     """
 
     def __init__(self, model: str, include_usage: bool, collect_text: bool) -> None:
+        super().__init__(include_usage, collect_text)
         self.model = model
-        self.include_usage = include_usage
-        self.collect_text = collect_text
-        self.content_seen = False
-        self.finished = False
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        self.text: list[str] = []
         self._id = completion_id()
         self._created = int(time.time())
         self._role_sent = False
