@@ -9,6 +9,7 @@ A map of the package, a line per module:
   cors          browser clients: preflight and CORS headers for the configured origins
   gateway       the one app-scoped object: config snapshot, state, sessions, log, metrics
   config        providers.yaml + routes.yaml -> frozen dataclasses, errors with file and path
+  yaml_paths    YAML read with file + path locations, ConfigError, the strict loader
   checks        warnings of `llm-proxy check`
   signals       pure: request -> Signals (token estimate, task, format, latency, ceiling, tier)
   router        pure: Signals + rules -> Plan (rule, reason, candidates, skipped)

@@ -1,8 +1,9 @@
 """providers.yaml + routes.yaml -> one frozen `Config`.
 
-Owns: parsing, validation (unknown keys, wrong types, dangling references) and the
-warnings of `llm-proxy check`. Every error names the file and the YAML path, for
-example ``routes.yaml: rules[2].when.tier: unknown operator 'gte'``.
+Owns the schema: what each key means, its validation (unknown keys, wrong types,
+dangling references) and the frozen dataclasses. Every error names the file and the YAML
+path, for example ``routes.yaml: rules[2].when.tier: unknown operator 'gte'``; reading
+YAML with those locations is `yaml_paths`, the warnings of `llm-proxy check` are `checks`.
 
 Secrets are read from the environment here and kept out of every ``repr``.
 Must not import the server, the router or any provider adapter.
@@ -17,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .breaker import BreakerPolicy
+from .yaml_paths import ConfigError as ConfigError  # re-exported: the error every config user catches
+from .yaml_paths import Node, load_yaml, opt
 
 PROTOCOLS = ("openai", "anthropic", "gemini")
 STRATEGIES = ("weighted", "least_loaded", "lowest_latency", "cheapest")
@@ -36,10 +37,6 @@ OUTPUT_FORMATS = ("text", "json_object", "json_schema")
 
 RESERVED_RULE_NAMES = ("default", "model", "chain", "none")
 KEY_FIELDS = ("name", "key_env", "key_sha256", "tier", "trust_tier_header", "allow", "rpm")
-
-
-class ConfigError(Exception):
-    """A config file is invalid; the message names the file and the YAML path."""
 
 
 # --------------------------------------------------------------------------- model
@@ -172,170 +169,40 @@ class Config:
     routes_path: str
 
 
-# --------------------------------------------------------------------------- reader
-
-
-class _Node:
-    """A YAML value plus its location, so that every error can say where it is."""
-
-    __slots__ = ("value", "file", "path")
-
-    def __init__(self, value: Any, file: str, path: str) -> None:
-        self.value = value
-        self.file = file
-        self.path = path
-
-    def error(self, message: str) -> ConfigError:
-        where = f"{self.file}: {self.path}" if self.path else self.file
-        return ConfigError(f"{where}: {message}")
-
-    def child(self, key: str | int) -> _Node:
-        value = self.value[key]
-        if isinstance(key, int):
-            path = f"{self.path}[{key}]"
-        else:
-            path = f"{self.path}.{key}" if self.path else str(key)
-        return _Node(value, self.file, path)
-
-    def mapping(self, allowed: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, _Node]:
-        if not isinstance(self.value, dict):
-            raise self.error(f"expected a mapping, got {_kind(self.value)}")
-        out: dict[str, _Node] = {}
-        for key in self.value:
-            if not isinstance(key, str) or key not in allowed:
-                raise self.child(str(key)).error(f"unknown key (allowed: {', '.join(allowed)})")
-            out[key] = self.child(key)
-        for key in required:
-            if key not in out:
-                raise self.error(f"missing required key '{key}'")
-        return out
-
-    def entries(self) -> list[tuple[str, _Node]]:
-        if self.value is None:
-            return []
-        if not isinstance(self.value, dict):
-            raise self.error(f"expected a mapping, got {_kind(self.value)}")
-        return [(str(k), self.child(k)) for k in self.value]
-
-    def items(self) -> list[_Node]:
-        if self.value is None:
-            return []
-        if not isinstance(self.value, list):
-            raise self.error(f"expected a list, got {_kind(self.value)}")
-        return [self.child(i) for i in range(len(self.value))]
-
-    def string(self) -> str:
-        if not isinstance(self.value, str) or not self.value:
-            raise self.error(f"expected a non-empty string, got {_kind(self.value)}")
-        return self.value
-
-    def number(self, minimum: float = 0.0) -> float:
-        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)):
-            raise self.error(f"expected a number, got {_kind(self.value)}")
-        if self.value < minimum:
-            raise self.error(f"must be >= {minimum}")
-        return float(self.value)
-
-    def integer(self, minimum: int = 0) -> int:
-        if isinstance(self.value, bool) or not isinstance(self.value, int):
-            raise self.error(f"expected an integer, got {_kind(self.value)}")
-        if self.value < minimum:
-            raise self.error(f"must be >= {minimum}")
-        return self.value
-
-    def boolean(self) -> bool:
-        if not isinstance(self.value, bool):
-            raise self.error(f"expected true or false, got {_kind(self.value)}")
-        return self.value
-
-    def choice(self, options: tuple[str, ...]) -> str:
-        value = self.string()
-        if value not in options:
-            raise self.error(f"'{value}' is not one of {', '.join(options)}")
-        return value
-
-    def strings(self) -> tuple[str, ...]:
-        return tuple(n.string() for n in self.items())
-
-
-def _kind(value: Any) -> str:
-    return "nothing" if value is None else type(value).__name__
-
-
-def _opt(nodes: dict[str, _Node], key: str, read: Callable[[_Node], Any], default: Any) -> Any:
-    node = nodes.get(key)
-    return default if node is None else read(node)
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *anchor` merges are fine
-                continue
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                raise yaml.constructor.ConstructorError(
-                    None, None, "found an unhashable key", key_node.start_mark) from None
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"'{key}' is given twice in one mapping", key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _load_yaml(path: Path) -> _Node:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    return _Node({} if data is None else data, path.name, "")
-
-
 # --------------------------------------------------------------------------- providers.yaml
 
 
-def _limits(node: _Node) -> Limits:
+def _limits(node: Node) -> Limits:
     m = node.mapping(("rpm", "tpm"))
-    return Limits(rpm=_opt(m, "rpm", lambda n: n.integer(1), None),
-                  tpm=_opt(m, "tpm", lambda n: n.integer(1), None))
+    return Limits(rpm=opt(m, "rpm", lambda n: n.integer(1), None),
+                  tpm=opt(m, "tpm", lambda n: n.integer(1), None))
 
 
-def _timeouts(node: _Node) -> Timeouts:
+def _timeouts(node: Node) -> Timeouts:
     m = node.mapping(("connect_s", "first_token_s", "idle_s", "total_s"))
     d = Timeouts()
     return Timeouts(
-        connect_s=_opt(m, "connect_s", lambda n: n.number(0.001), d.connect_s),
-        first_token_s=_opt(m, "first_token_s", lambda n: n.number(0.001), d.first_token_s),
-        idle_s=_opt(m, "idle_s", lambda n: n.number(0.001), d.idle_s),
-        total_s=_opt(m, "total_s", lambda n: n.number(0.001), d.total_s),
+        connect_s=opt(m, "connect_s", lambda n: n.number(0.001), d.connect_s),
+        first_token_s=opt(m, "first_token_s", lambda n: n.number(0.001), d.first_token_s),
+        idle_s=opt(m, "idle_s", lambda n: n.number(0.001), d.idle_s),
+        total_s=opt(m, "total_s", lambda n: n.number(0.001), d.total_s),
     )
 
 
-def _price(node: _Node) -> Price:
+def _price(node: Node) -> Price:
     m = node.mapping(("input", "output", "cached_input", "cache_write"), ("input", "output"))
     return Price(
         input=m["input"].number(), output=m["output"].number(),
-        cached_input=_opt(m, "cached_input", _Node.number, None),
-        cache_write=_opt(m, "cache_write", _Node.number, None),
+        cached_input=opt(m, "cached_input", Node.number, None),
+        cache_write=opt(m, "cache_write", Node.number, None),
     )
 
 
-def _str_map(node: _Node) -> dict[str, str]:
+def _str_map(node: Node) -> dict[str, str]:
     return {k: v.string() for k, v in node.entries()}
 
 
-def _provider(name: str, node: _Node, env: Mapping[str, str]) -> Provider:
+def _provider(name: str, node: Node, env: Mapping[str, str]) -> Provider:
     m = node.mapping(
         ("api", "base_url", "api_key_env", "region", "limits", "timeouts", "headers", "query", "auth_header"),
         ("api", "base_url"),
@@ -343,23 +210,23 @@ def _provider(name: str, node: _Node, env: Mapping[str, str]) -> Provider:
     base_url = m["base_url"].string().rstrip("/")
     if not base_url.startswith(("http://", "https://")):
         raise m["base_url"].error("must start with http:// or https://")
-    key_env = _opt(m, "api_key_env", _Node.string, None)
+    key_env = opt(m, "api_key_env", Node.string, None)
     return Provider(
         name=name,
         api=m["api"].choice(PROTOCOLS),
         base_url=base_url,
         api_key_env=key_env,
-        region=_opt(m, "region", _Node.string, None),
-        limits=_opt(m, "limits", _limits, Limits()),
-        timeouts=_opt(m, "timeouts", _timeouts, Timeouts()),
-        headers=_opt(m, "headers", _str_map, {}),
-        query=_opt(m, "query", _str_map, {}),
-        auth_header=_opt(m, "auth_header", _Node.string, None),
+        region=opt(m, "region", Node.string, None),
+        limits=opt(m, "limits", _limits, Limits()),
+        timeouts=opt(m, "timeouts", _timeouts, Timeouts()),
+        headers=opt(m, "headers", _str_map, {}),
+        query=opt(m, "query", _str_map, {}),
+        auth_header=opt(m, "auth_header", Node.string, None),
         api_key=env.get(key_env) if key_env else None,
     )
 
 
-def _model(name: str, node: _Node, providers: Mapping[str, Provider]) -> Model:
+def _model(name: str, node: Node, providers: Mapping[str, Provider]) -> Model:
     m = node.mapping(
         ("tier", "context_window", "max_output_tokens", "price", "capabilities", "deployments", "strategy"),
         ("tier", "context_window", "price", "deployments"),
@@ -377,10 +244,10 @@ def _model(name: str, node: _Node, providers: Mapping[str, Provider]) -> Model:
         deployments.append(Deployment(
             id=f"{name}/{pname}/{i}",
             provider=providers[pname],
-            upstream_model=_opt(d, "model", _Node.string, name),
-            weight=_opt(d, "weight", lambda n: n.number(0.0001), 1.0),
-            limits=_opt(d, "limits", _limits, Limits()),
-            price=_opt(d, "price", _price, price),
+            upstream_model=opt(d, "model", Node.string, name),
+            weight=opt(d, "weight", lambda n: n.number(0.0001), 1.0),
+            limits=opt(d, "limits", _limits, Limits()),
+            price=opt(d, "price", _price, price),
         ))
     if not deployments:
         raise m["deployments"].error("a model needs at least one deployment")
@@ -388,18 +255,18 @@ def _model(name: str, node: _Node, providers: Mapping[str, Provider]) -> Model:
         name=name,
         tier=m["tier"].integer(0),
         context_window=context_window,
-        max_output_tokens=_opt(m, "max_output_tokens", lambda n: n.integer(1), min(4096, context_window)),
+        max_output_tokens=opt(m, "max_output_tokens", lambda n: n.integer(1), min(4096, context_window)),
         price=price,
         capabilities=capabilities,
         deployments=tuple(deployments),
-        strategy=_opt(m, "strategy", lambda n: n.choice(STRATEGIES), "weighted"),
+        strategy=opt(m, "strategy", lambda n: n.choice(STRATEGIES), "weighted"),
     )
 
 
 # --------------------------------------------------------------------------- routes.yaml
 
 
-def _condition(signal: str, node: _Node) -> list[Condition]:
+def _condition(signal: str, node: Node) -> list[Condition]:
     if signal not in SIGNAL_NAMES:
         raise node.error(f"unknown signal (known: {', '.join(SIGNAL_NAMES)})")
     value = node.value
@@ -425,19 +292,19 @@ def _condition(signal: str, node: _Node) -> list[Condition]:
     return out
 
 
-def _chain(name: str, node: _Node) -> Chain:
+def _chain(name: str, node: Node) -> Chain:
     if isinstance(node.value, list):
         return Chain(name, node.strings())
     m = node.mapping(("models", "on_stream_failure", "fallback_on_content_policy"), ("models",))
     return Chain(
         name=name,
         models=m["models"].strings(),
-        on_stream_failure=_opt(m, "on_stream_failure", lambda n: n.choice(("error", "continue")), "error"),
-        fallback_on_content_policy=_opt(m, "fallback_on_content_policy", _Node.boolean, False),
+        on_stream_failure=opt(m, "on_stream_failure", lambda n: n.choice(("error", "continue")), "error"),
+        fallback_on_content_policy=opt(m, "fallback_on_content_policy", Node.boolean, False),
     )
 
 
-def _key(node: _Node, env: Mapping[str, str]) -> GatewayKey | None:
+def _key(node: Node, env: Mapping[str, str]) -> GatewayKey | None:
     m = node.mapping(KEY_FIELDS, ("name", "tier"))
     if "allow" in m:
         m["allow"].strings()            # checked even when the key's variable is unset
@@ -460,52 +327,52 @@ def _key(node: _Node, env: Mapping[str, str]) -> GatewayKey | None:
     return GatewayKey(
         name=m["name"].string(),
         tier=m["tier"].string(),
-        trust_tier_header=_opt(m, "trust_tier_header", _Node.boolean, False),
+        trust_tier_header=opt(m, "trust_tier_header", Node.boolean, False),
         allow=frozenset(allow.strings()) if allow is not None else None,
-        rpm=_opt(m, "rpm", lambda n: n.integer(1), None),
+        rpm=opt(m, "rpm", lambda n: n.integer(1), None),
         sha256=digest,
     )
 
 
-def _breaker(node: _Node) -> BreakerPolicy:
+def _breaker(node: Node) -> BreakerPolicy:
     m = node.mapping(("consecutive", "ratio", "min_calls", "window_s", "open_s", "max_open_s", "probes"))
     d = BreakerPolicy()
-    ratio = _opt(m, "ratio", _Node.number, d.ratio)
+    ratio = opt(m, "ratio", Node.number, d.ratio)
     if not 0 < ratio <= 1:
         raise m["ratio"].error("must be > 0 and <= 1")
-    open_s = _opt(m, "open_s", lambda n: n.number(0.001), d.open_s)
-    max_open_s = _opt(m, "max_open_s", lambda n: n.number(0.001), max(d.max_open_s, open_s))
+    open_s = opt(m, "open_s", lambda n: n.number(0.001), d.open_s)
+    max_open_s = opt(m, "max_open_s", lambda n: n.number(0.001), max(d.max_open_s, open_s))
     if max_open_s < open_s:
         raise m["max_open_s"].error("must be >= open_s")
     return BreakerPolicy(
-        consecutive=_opt(m, "consecutive", lambda n: n.integer(1), d.consecutive),
+        consecutive=opt(m, "consecutive", lambda n: n.integer(1), d.consecutive),
         ratio=ratio,
-        min_calls=_opt(m, "min_calls", lambda n: n.integer(1), d.min_calls),
-        window_s=_opt(m, "window_s", lambda n: n.number(0.001), d.window_s),
+        min_calls=opt(m, "min_calls", lambda n: n.integer(1), d.min_calls),
+        window_s=opt(m, "window_s", lambda n: n.number(0.001), d.window_s),
         open_s=open_s,
         max_open_s=max_open_s,
-        probes=_opt(m, "probes", lambda n: n.integer(1), d.probes),
+        probes=opt(m, "probes", lambda n: n.integer(1), d.probes),
     )
 
 
-def _server(node: _Node) -> ServerSettings:
+def _server(node: Node) -> ServerSettings:
     m = node.mapping((
         "max_body_bytes", "max_messages", "max_attempts", "max_retry_wait_s", "request_timeout_s",
         "default_tier", "decision_log", "cors_origins", "drain_timeout_s", "body_timeout_s", "breaker",
     ))
     d = ServerSettings()
     return ServerSettings(
-        max_body_bytes=_opt(m, "max_body_bytes", lambda n: n.integer(1024), d.max_body_bytes),
-        max_messages=_opt(m, "max_messages", lambda n: n.integer(1), d.max_messages),
-        max_attempts=_opt(m, "max_attempts", lambda n: n.integer(1), d.max_attempts),
-        max_retry_wait_s=_opt(m, "max_retry_wait_s", _Node.number, d.max_retry_wait_s),
-        request_timeout_s=_opt(m, "request_timeout_s", lambda n: n.number(0.001), d.request_timeout_s),
-        default_tier=_opt(m, "default_tier", _Node.string, d.default_tier),
-        decision_log=_opt(m, "decision_log", _Node.string, d.decision_log),
-        cors_origins=_opt(m, "cors_origins", _Node.strings, d.cors_origins),
-        drain_timeout_s=_opt(m, "drain_timeout_s", _Node.number, d.drain_timeout_s),
-        body_timeout_s=_opt(m, "body_timeout_s", lambda n: n.number(0.001), d.body_timeout_s),
-        breaker=_opt(m, "breaker", _breaker, d.breaker),
+        max_body_bytes=opt(m, "max_body_bytes", lambda n: n.integer(1024), d.max_body_bytes),
+        max_messages=opt(m, "max_messages", lambda n: n.integer(1), d.max_messages),
+        max_attempts=opt(m, "max_attempts", lambda n: n.integer(1), d.max_attempts),
+        max_retry_wait_s=opt(m, "max_retry_wait_s", Node.number, d.max_retry_wait_s),
+        request_timeout_s=opt(m, "request_timeout_s", lambda n: n.number(0.001), d.request_timeout_s),
+        default_tier=opt(m, "default_tier", Node.string, d.default_tier),
+        decision_log=opt(m, "decision_log", Node.string, d.decision_log),
+        cors_origins=opt(m, "cors_origins", Node.strings, d.cors_origins),
+        drain_timeout_s=opt(m, "drain_timeout_s", Node.number, d.drain_timeout_s),
+        body_timeout_s=opt(m, "body_timeout_s", lambda n: n.number(0.001), d.body_timeout_s),
+        breaker=opt(m, "breaker", _breaker, d.breaker),
     )
 
 
@@ -516,11 +383,11 @@ def load(providers_path: str | os.PathLike[str], routes_path: str | os.PathLike[
          env: Mapping[str, str] | None = None) -> Config:
     """Read, validate and cross-check both files. Raises ConfigError naming file and path."""
     env = os.environ if env is None else env
-    p_root = _load_yaml(Path(providers_path)).mapping(("providers", "models"), ("providers", "models"))
+    p_root = load_yaml(Path(providers_path)).mapping(("providers", "models"), ("providers", "models"))
     providers = {name: _provider(name, n, env) for name, n in p_root["providers"].entries()}
     models = {name: _model(name, n, providers) for name, n in p_root["models"].entries()}
 
-    r_root = _load_yaml(Path(routes_path)).mapping(
+    r_root = load_yaml(Path(routes_path)).mapping(
         ("chains", "rules", "default", "fallbacks", "keys", "server"), ("chains", "default"))
     chains = {name: _chain(name, n) for name, n in r_root["chains"].entries()}
     for name, chain in chains.items():
@@ -585,7 +452,7 @@ def load(providers_path: str | os.PathLike[str], routes_path: str | os.PathLike[
     return Config(
         providers=providers, models=models, chains=chains, rules=tuple(rules), default=default,
         fallbacks=fallbacks, keys=tuple(keys), auth_required="keys" in r_root,
-        server=_opt(r_root, "server", _server, ServerSettings()),
+        server=opt(r_root, "server", _server, ServerSettings()),
         providers_path=str(providers_path), routes_path=str(routes_path),
     )
 
@@ -606,7 +473,7 @@ def replace_providers(config: Config, change: Callable[[Provider], Provider]) ->
 
 def declared_keys(routes_path: str | os.PathLike[str]) -> list[tuple[str, str | None]]:
     """(name, key_env) of every key in routes.yaml, set or not: for `check` warnings."""
-    root = _load_yaml(Path(routes_path))
+    root = load_yaml(Path(routes_path))
     out = []
     for item in (root.value.get("keys") or []) if isinstance(root.value, dict) else []:
         if isinstance(item, dict):
