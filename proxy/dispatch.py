@@ -9,8 +9,9 @@ only taken while the budget still leaves one attempt for every later candidate.
 
 Streaming commit point: nothing reaches the client until the upstream has sent its first
 content-bearing event; until then any failure moves to the next attempt unseen. After it,
-bytes flow as they arrive; a stall or a cut ends the client's stream with an OpenAI-style
-error event and no `[DONE]`, unless the chain opted into continuation.
+bytes flow as they arrive (`streaming.stream_attempt` moves them); a stall or a cut ends
+the client's stream here with an OpenAI-style error event and no `[DONE]`, unless the
+chain opted into continuation.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -33,8 +34,9 @@ from .errors import POLICY, FailureClass, GatewayError, UpstreamFailure, error_b
 from .providers import Adapter, UpstreamRequest
 from .router import Candidate, Plan
 from .signals import Signals
-from .sse import DONE_FRAME, SSEParser, frame
-from .transport import Transport, failure_from_exception, read_error_body
+from .sse import frame
+from .streaming import ClientGone, ClientStream, StreamBroken, stream_attempt
+from .transport import Transport, classify, failure_from_exception, read_error_body, unreadable
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -44,16 +46,6 @@ AUTH_OPEN_S = 300.0
 BACKOFF_S = (0.05, 0.25)        # jittered wait before the one retry of a 5xx or reset
 RATE_LIMIT_BACKOFF_S = (0.2, 0.6)   # the hold after a 429 that gave no Retry-After
 RETRY_MARGIN_S = 0.01
-
-
-class ClientStream(Protocol):
-    """Where a streamed answer goes; `commit` sends the status line and headers."""
-
-    committed: bool
-
-    async def commit(self, headers: Mapping[str, str]) -> None: ...
-    async def write(self, data: bytes) -> None: ...
-    async def finish(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -66,19 +58,6 @@ class Exchange:
     plan: Plan
     decision: Decision
     deadline: float             # monotonic
-
-
-class StreamBroken(Exception):
-    """A committed stream failed; the client already has part of the answer (`text`)."""
-
-    def __init__(self, failure: UpstreamFailure, text: list[str] | None = None) -> None:
-        super().__init__(str(failure))
-        self.failure = failure
-        self.text = text or []
-
-
-class ClientGone(Exception):
-    """The client closed its connection; raised by `ClientStream` writes."""
 
 
 class Dispatcher:
@@ -373,102 +352,21 @@ class Dispatcher:
             raise unreadable(exc) from None
 
     async def _streamed(self, ex: Exchange, adapter: Adapter, candidate: Candidate, deployment: Deployment,
-                        request: Any, record: AttemptRecord, client: ClientStream, prefill: str | None
-                        ) -> Usage | None:
-        timeouts = deployment.provider.timeouts
+                        request: UpstreamRequest, record: AttemptRecord, client: ClientStream,
+                        prefill: str | None) -> Usage | None:
+        async def commit() -> None:
+            ex.decision.served_model = candidate.model.name     # what X-Route-Model tells the client
+            ex.decision.served_provider = deployment.provider.name
+            await client.commit(self.route_headers(ex, candidate, deployment))
+            ex.decision.ttft_ms = round((self.clock() - ex.decision.started) * 1000, 3)
+
         # The text is always collected (a list append per content event): it prices an attempt that
         # broke before its usage arrived, and it is the prefill when a chain continues a broken stream.
         translator = adapter.stream(deployment, ex.signals.include_usage, True)
-        parser = SSEParser()
-        loop = asyncio.get_running_loop()
-        end_total = min(self.clock() + timeouts.total_s, ex.deadline)
-        headers_received = False
-        response: aiohttp.ClientResponse | None = None
-        try:
-            # Phase 1: until the first content, everything is held back and any failure is unseen.
-            pending: list[bytes] = []
-            async with asyncio.timeout(max(0.001, min(timeouts.first_token_s, end_total - self.clock()))):
-                response = await self.transport.send(deployment.provider, request)
-                headers_received = True
-                if response.status != 200:
-                    raise classify(adapter, response.status, response.headers, await read_error_body(response))
-                content = response.content
-                while not translator.content_seen and not translator.finished:
-                    chunk = await content.readany()
-                    if not chunk:
-                        break
-                    try:
-                        for event in parser.feed(chunk):
-                            pending.extend(translator.feed(event.name, event.data))
-                    except UpstreamFailure:
-                        raise
-                    except Exception as exc:
-                        raise unreadable(exc) from None
-                if not translator.content_seen:
-                    raise UpstreamFailure(FailureClass.PROTOCOL, "stream ended before any content")
-            record.ttfb_s = self.clock() - record.started
-            if not client.committed:
-                ex.decision.served_model = candidate.model.name     # what X-Route-Model tells the client
-                ex.decision.served_provider = deployment.provider.name
-                await client.commit(self.route_headers(ex, candidate, deployment))
-                ex.decision.ttft_ms = round((self.clock() - ex.decision.started) * 1000, 3)
-            if prefill and prefill[-1].isspace():
-                pending = trim_seam(pending, translator.text)
-            if pending:
-                await client.write(b"".join(frame(p) for p in pending))
-
-            # Phase 2: bytes flow as they arrive; the idle timer restarts on every read.
-            writing = False
-            try:
-                async with asyncio.timeout(timeouts.idle_s) as idle:
-                    while not translator.finished:
-                        chunk = await content.readany()
-                        if not chunk:
-                            break
-                        out = [frame(p) for ev in parser.feed(chunk) for p in translator.feed(ev.name, ev.data)]
-                        if out:
-                            # A slow reader is not a stalled upstream: while writing, only the
-                            # attempt's total budget bounds the wait.
-                            writing = True
-                            idle.reschedule(loop.time() + max(0.0, end_total - self.clock()))
-                            await client.write(out[0] if len(out) == 1 else b"".join(out))
-                            writing = False
-                        idle.reschedule(loop.time() + min(timeouts.idle_s, end_total - self.clock()))
-            except TimeoutError:
-                if writing:
-                    raise ClientGone() from None        # it stopped reading: nothing more can reach it
-                raise StreamBroken(UpstreamFailure(
-                    FailureClass.TIMEOUT, f"upstream stalled for {timeouts.idle_s:g}s after content"),
-                    translator.text) from None
-            except UpstreamFailure as failure:
-                raise StreamBroken(failure, translator.text) from None
-            except (aiohttp.ClientError, ConnectionError) as exc:
-                raise StreamBroken(failure_from_exception(exc, True), translator.text) from None
-            except ClientGone:
-                raise
-            except Exception as exc:                # an adapter choking on an event it cannot read
-                raise StreamBroken(unreadable(exc), translator.text) from None
-            if not translator.finished and translator.finish_reason is None:
-                raise StreamBroken(UpstreamFailure(FailureClass.PROTOCOL, "upstream stream was cut before its end"),
-                                   translator.text)
-            try:
-                tail = translator.close()
-            except Exception as exc:
-                raise StreamBroken(unreadable(exc), translator.text) from None
-            await client.write(b"".join(frame(p) for p in tail) + DONE_FRAME)
-            await client.finish()
-            return translator.usage
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise failure_from_exception(exc, headers_received) from None
-        finally:
-            record.content_seen = translator.content_seen
-            record.usage = translator.usage
-            record.output_chars = sum(map(len, translator.text))
-            if response is not None:
-                if translator.finished:
-                    response.release()      # complete: the connection goes back to the pool
-                else:
-                    response.close()        # abandoned: never reuse a half-read connection
+        timeouts = deployment.provider.timeouts
+        return await stream_attempt(
+            lambda: self.transport.send(deployment.provider, request), adapter, translator, timeouts,
+            min(self.clock() + timeouts.total_s, ex.deadline), record, client, commit, prefill, self.clock)
 
     async def _end_with_error(self, ex: Exchange, client: ClientStream | None, failure: UpstreamFailure) -> None:
         """After the commit the only honest end is an error event, never a clean close."""
@@ -484,20 +382,6 @@ class Dispatcher:
             ex.decision.outcome = CLIENT_DISCONNECTED
 
 
-def classify(adapter: Adapter, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
-    """The adapter's classification of an error answer; one it cannot read is still a failure."""
-    try:
-        return adapter.classify(status, headers, body)
-    except Exception:
-        kind = FailureClass.SERVER if status >= 500 else FailureClass.PROTOCOL
-        return UpstreamFailure(kind, f"upstream answered HTTP {status}", status)
-
-
-def unreadable(exc: Exception) -> UpstreamFailure:
-    """An upstream answer the adapter could not read (valid JSON of the wrong shape, say)."""
-    return UpstreamFailure(FailureClass.PROTOCOL, f"unreadable upstream answer ({type(exc).__name__})")
-
-
 def answer_chars(body: bytes) -> int:
     """Characters of text in an OpenAI chat.completion body: prices an answer sent without usage."""
     try:
@@ -505,32 +389,6 @@ def answer_chars(body: bytes) -> int:
         return sum(len(c["message"].get("content") or "") for c in choices if isinstance(c.get("message"), dict))
     except (orjson.JSONDecodeError, AttributeError, TypeError):
         return 0
-
-
-def trim_seam(payloads: list[bytes], text: list[str]) -> list[bytes]:
-    """Strip leading whitespace from a continuation's first content, once.
-
-    Some protocols cannot take a prefill ending in whitespace (Anthropic rejects it, so its
-    adapter trims it) and the model then starts with that whitespace again: the client,
-    who already has it, would see it twice at the seam. Runs once per continuation.
-    """
-    out: list[bytes] = []
-    for i, payload in enumerate(payloads):
-        try:
-            chunk = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            out.append(payload)
-            continue
-        for choice in chunk.get("choices") or () if isinstance(chunk, dict) else ():
-            delta = choice.get("delta") or {}
-            content = delta.get("content")
-            if content:
-                delta["content"] = content.lstrip()
-                if text:
-                    text[0] = text[0].lstrip()
-                return [*out, orjson.dumps(chunk), *payloads[i + 1:]]
-        out.append(payload)
-    return out
 
 
 def final_error(attempts: list[AttemptRecord], caller: UpstreamFailure | None,

@@ -22,13 +22,14 @@ from aiohttp import web
 
 from .config import GatewayKey
 from .decisions import CLIENT_DISCONNECTED, Decision
-from .dispatch import ClientGone, Exchange
+from .dispatch import Exchange
 from .errors import GatewayError, bad_request, error_body
 from .gateway import Gateway, Snapshot
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .router import Plan
 from .signals import Signals, extract
 from .sse import frame
+from .streaming import ClientGone
 
 log = logging.getLogger("proxy.handlers")
 GATEWAY = web.AppKey("gateway", Gateway)

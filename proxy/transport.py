@@ -7,13 +7,13 @@ so adapters stay pure and dispatch sees failure classes, never socket errors.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import aiohttp
 
 from .config import Provider
 from .errors import FailureClass, UpstreamFailure
-from .providers import UpstreamRequest
+from .providers import Adapter, UpstreamRequest
 
 MAX_ERROR_BODY = 64 * 1024
 
@@ -106,3 +106,17 @@ def failure_from_exception(exc: BaseException, headers_received: bool) -> Upstre
     if isinstance(exc, aiohttp.ClientError):
         return UpstreamFailure(FailureClass.PROTOCOL, f"upstream protocol error: {type(exc).__name__}")
     raise exc
+
+
+def classify(adapter: Adapter, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
+    """The adapter's classification of an error answer; one it cannot read is still a failure."""
+    try:
+        return adapter.classify(status, headers, body)
+    except Exception:
+        kind = FailureClass.SERVER if status >= 500 else FailureClass.PROTOCOL
+        return UpstreamFailure(kind, f"upstream answered HTTP {status}", status)
+
+
+def unreadable(exc: Exception) -> UpstreamFailure:
+    """An upstream answer the adapter could not read (valid JSON of the wrong shape, say)."""
+    return UpstreamFailure(FailureClass.PROTOCOL, f"unreadable upstream answer ({type(exc).__name__})")

@@ -1,0 +1,177 @@
+"""One streamed attempt, from the upstream's first byte to the client's last.
+
+Phase 1 holds every frame until the upstream has sent its first content-bearing event
+(text, tool call or finish), bounded by `first_token_s`: any failure until then is unseen
+by the client. Then the client's response is committed and the held frames written.
+Phase 2 moves bytes as they arrive: per chunk only the SSE split, the translator's one
+decode, and the write; the idle timer restarts on every read. A stall, a cut or an
+unreadable event after the commit is a `StreamBroken`, which dispatch ends with an error
+event (or continues on another model); never a clean close that looks complete.
+
+The attempt loop and its policy stay in `dispatch`; this module owns no state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
+
+import aiohttp
+import orjson
+
+from .config import Timeouts
+from .decisions import AttemptRecord
+from .errors import FailureClass, UpstreamFailure
+from .providers import Adapter, StreamTranslator
+from .sse import DONE_FRAME, SSEParser, frame
+from .transport import classify, failure_from_exception, read_error_body, unreadable
+from .usage import Usage
+
+
+class ClientStream(Protocol):
+    """Where a streamed answer goes; `commit` sends the status line and headers."""
+
+    committed: bool
+
+    async def commit(self, headers: Mapping[str, str]) -> None: ...
+    async def write(self, data: bytes) -> None: ...
+    async def finish(self) -> None: ...
+
+
+class StreamBroken(Exception):
+    """A committed stream failed; the client already has part of the answer (`text`)."""
+
+    def __init__(self, failure: UpstreamFailure, text: list[str] | None = None) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+        self.text = text or []
+
+
+class ClientGone(Exception):
+    """The client closed its connection; raised by `ClientStream` writes."""
+
+
+async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], adapter: Adapter,
+                         translator: StreamTranslator, timeouts: Timeouts, end_total: float, record: AttemptRecord,
+                         client: ClientStream, commit: Callable[[], Awaitable[None]], prefill: str | None,
+                         clock: Callable[[], float]) -> Usage | None:
+    """One streamed attempt: `send` it, hold frames until the first content, `commit` the
+    client's response (once per request: a continuation writes on into it), then move
+    bytes as they arrive until the upstream's end. Returns the upstream's usage.
+
+    Before the commit a failure raises UpstreamFailure (dispatch tries the next attempt
+    unseen); after it, StreamBroken; a client that left or stopped reading, ClientGone.
+    """
+    parser = SSEParser()
+    loop = asyncio.get_running_loop()
+    headers_received = False
+    response: aiohttp.ClientResponse | None = None
+    try:
+        # Phase 1: until the first content, everything is held back and any failure is unseen.
+        pending: list[bytes] = []
+        async with asyncio.timeout(max(0.001, min(timeouts.first_token_s, end_total - clock()))):
+            response = await send()
+            headers_received = True
+            if response.status != 200:
+                raise classify(adapter, response.status, response.headers, await read_error_body(response))
+            content = response.content
+            while not translator.content_seen and not translator.finished:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                try:
+                    for event in parser.feed(chunk):
+                        pending.extend(translator.feed(event.name, event.data))
+                except UpstreamFailure:
+                    raise
+                except Exception as exc:
+                    raise unreadable(exc) from None
+            if not translator.content_seen:
+                raise UpstreamFailure(FailureClass.PROTOCOL, "stream ended before any content")
+        record.ttfb_s = clock() - record.started
+        if not client.committed:
+            await commit()
+        if prefill and prefill[-1].isspace():
+            pending = trim_seam(pending, translator.text)
+        if pending:
+            await client.write(b"".join(frame(p) for p in pending))
+
+        # Phase 2: bytes flow as they arrive; the idle timer restarts on every read.
+        writing = False
+        try:
+            async with asyncio.timeout(timeouts.idle_s) as idle:
+                while not translator.finished:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    out = [frame(p) for ev in parser.feed(chunk) for p in translator.feed(ev.name, ev.data)]
+                    if out:
+                        # A slow reader is not a stalled upstream: while writing, only the
+                        # attempt's total budget bounds the wait.
+                        writing = True
+                        idle.reschedule(loop.time() + max(0.0, end_total - clock()))
+                        await client.write(out[0] if len(out) == 1 else b"".join(out))
+                        writing = False
+                    idle.reschedule(loop.time() + min(timeouts.idle_s, end_total - clock()))
+        except TimeoutError:
+            if writing:
+                raise ClientGone() from None        # it stopped reading: nothing more can reach it
+            raise StreamBroken(UpstreamFailure(
+                FailureClass.TIMEOUT, f"upstream stalled for {timeouts.idle_s:g}s after content"),
+                translator.text) from None
+        except UpstreamFailure as failure:
+            raise StreamBroken(failure, translator.text) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise StreamBroken(failure_from_exception(exc, True), translator.text) from None
+        except ClientGone:
+            raise
+        except Exception as exc:                # an adapter choking on an event it cannot read
+            raise StreamBroken(unreadable(exc), translator.text) from None
+        if not translator.finished and translator.finish_reason is None:
+            raise StreamBroken(UpstreamFailure(FailureClass.PROTOCOL, "upstream stream was cut before its end"),
+                               translator.text)
+        try:
+            tail = translator.close()
+        except Exception as exc:
+            raise StreamBroken(unreadable(exc), translator.text) from None
+        await client.write(b"".join(frame(p) for p in tail) + DONE_FRAME)
+        await client.finish()
+        return translator.usage
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise failure_from_exception(exc, headers_received) from None
+    finally:
+        record.content_seen = translator.content_seen
+        record.usage = translator.usage
+        record.output_chars = sum(map(len, translator.text))
+        if response is not None:
+            if translator.finished:
+                response.release()      # complete: the connection goes back to the pool
+            else:
+                response.close()        # abandoned: never reuse a half-read connection
+
+
+def trim_seam(payloads: list[bytes], text: list[str]) -> list[bytes]:
+    """Strip leading whitespace from a continuation's first content, once.
+
+    Some protocols cannot take a prefill ending in whitespace (Anthropic rejects it, so its
+    adapter trims it) and the model then starts with that whitespace again: the client,
+    who already has it, would see it twice at the seam. Runs once per continuation.
+    """
+    out: list[bytes] = []
+    for i, payload in enumerate(payloads):
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            out.append(payload)
+            continue
+        for choice in chunk.get("choices") or () if isinstance(chunk, dict) else ():
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if content:
+                delta["content"] = content.lstrip()
+                if text:
+                    text[0] = text[0].lstrip()
+                return [*out, orjson.dumps(chunk), *payloads[i + 1:]]
+        out.append(payload)
+    return out
