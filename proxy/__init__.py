@@ -1,12 +1,15 @@
 """llm-proxy: an OpenAI-compatible LLM gateway that routes, fails over and streams.
 
-A map of the package, a line per module:
+A map of the package, a line per room:
 
-  __main__      the command line (serve, check, explain, report, demo, chaos, systemd-unit)
-  app           wiring: the aiohttp app, routes, serving loop, signals, the drain
-  workers       --workers N: forked processes on one port, signals forwarded, respawn
-  handlers      the HTTP edge: decode once, call the gateway, write JSON or SSE, shape errors
-  cors          browser clients: preflight and CORS headers for the configured origins
+  __main__      the command line: assembles the parser from proxy.commands
+  commands/     one module per command: serve, check, explain, demo, report, chaos, systemd
+                (systemd-unit); __init__ holds the helpers they share
+  server/       the HTTP layer: app (wiring, serving loop, signals, the drain), edge (body
+                decoding, request ids, JSON and SSE answers, error middleware), admin (route,
+                feedback, models, health, metrics), cors (browser clients), workers (--workers N)
+  inbound/      the client APIs, one module per surface: chat (chat completions); routing
+                (authenticate, read once, signals, plan: shared by every surface)
   gateway       the one app-scoped object: config snapshot, state, sessions, log, metrics
   config        providers.yaml + routes.yaml -> frozen dataclasses, errors with file and path
   yaml_paths    YAML read with file + path locations, ConfigError, the strict loader
@@ -22,12 +25,8 @@ A map of the package, a line per module:
   sse           SSE framing: incremental parser and encoders
   usage         normalised token usage and its cost
   decisions     one decision record per request and the JSON-lines log
-  metrics       Prometheus metrics derived from decision records
-  report        `llm-proxy report`: weekly cost, fallback rate, quality and latency from decision logs
+  metrics       Prometheus metrics derived from decision records (handed what it reads)
   logs          structured JSON logs
-  systemd       `llm-proxy systemd-unit`: a hardened service unit for this install
-  demo          the gateway in front of the simulated fleet
-  chaos         `llm-proxy chaos`: fail each step of every chain against the simulator, report
   providers/    one pure adapter per wire protocol: openai, anthropic, gemini
   simulator/    the fake provider fleet used by tests, bench and demo
 """

@@ -59,6 +59,16 @@ def iso_time(epoch: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((epoch - whole) * 1000):03d}Z"
 
 
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What feedback on a finished request is recorded against."""
+
+    tier: str | None
+    model: str | None
+    rule: str | None
+    key: str | None             # the key's name: only the same key may score the request
+
+
 @dataclass(slots=True)
 class AttemptRecord:
     model: str

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from . import config as config_module
 from .balancer import MemoryState, StateStore
 from .config import Config, GatewayKey
-from .decisions import CLIENT_DISCONNECTED, Decision, DecisionLog, iso_time
+from .decisions import CLIENT_DISCONNECTED, Decision, DecisionLog, Served, iso_time
 from .dispatch import Dispatcher
 from .errors import GatewayError, forbidden, unauthorized
 from .metrics import Metrics
@@ -33,16 +33,6 @@ from .transport import Transport
 log = logging.getLogger("proxy.gateway")
 
 RECENT_REQUESTS = 100_000       # how many finished requests can still receive feedback
-
-
-@dataclass(frozen=True, slots=True)
-class Served:
-    """What feedback on a finished request is recorded against."""
-
-    tier: str | None
-    model: str | None
-    rule: str | None
-    key: str | None             # the key's name: only the same key may score the request
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +75,7 @@ class Gateway:
         self.transport = Transport()
         self.adapters = adapters or registry()
         self.decisions = DecisionLog(config.server.decision_log)
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self.state, clock, self.decisions)
         self.recent: OrderedDict[str, Served] = OrderedDict()
         self.snapshot = self._build(config)
         self._longest_request_s = config.server.request_timeout_s   # how long an old snapshot may live on

@@ -21,9 +21,11 @@ from prometheus_client.registry import Collector
 from .breaker import STATE_VALUE
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .balancer import StateStore
     from .config import Config
-    from .decisions import Decision
-    from .gateway import Gateway, Served
+    from .decisions import Decision, DecisionLog, Served
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
@@ -44,11 +46,13 @@ def known_tiers(config: Config) -> frozenset[str]:
 
 
 class _StateCollector(Collector):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, state: StateStore, clock: Callable[[], float], decisions: DecisionLog) -> None:
+        self.state = state
+        self.clock = clock
+        self.decisions = decisions
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        state = self.gateway.state
+        state = self.state
         breakers = GaugeMetricFamily("llm_proxy_breaker_state",
                                      "Circuit breaker state per deployment (0 closed, 1 half-open, 2 open)",
                                      labels=["deployment"])
@@ -59,7 +63,7 @@ class _StateCollector(Collector):
                                    "Token bucket level: requests (rpm) or tokens (tpm) left now, by scope "
                                    "(deployment, provider, key)",
                                    labels=["scope", "id", "kind"])
-        now = self.gateway.clock()
+        now = self.clock()
         for bucket_name, bucket in sorted(state.all_buckets().items()):
             # "deployment:<id>:rpm", "provider:<name>:tpm", "key:<name>" (a key's own rpm)
             scope, _, rest = bucket_name.partition(":")
@@ -70,12 +74,15 @@ class _StateCollector(Collector):
             levels.add_metric([scope, owner, kind], level)
         yield levels
         dropped = GaugeMetricFamily("llm_proxy_decision_log_dropped",
-                                    "Decision records that could not be written", value=self.gateway.decisions.dropped)
+                                    "Decision records that could not be written", value=self.decisions.dropped)
         yield dropped
 
 
 class Metrics:
-    def __init__(self, gateway: Gateway) -> None:
+    """The gateway's metrics; handed the state store, the clock and the decision log it reads
+    at scrape time, never the gateway itself."""
+
+    def __init__(self, state: StateStore, clock: Callable[[], float], decisions: DecisionLog) -> None:
         self.tiers: frozenset[str] = _COMMON_TIERS
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -102,7 +109,7 @@ class Metrics:
                                  buckets=_US_BUCKETS, registry=r)
         self.quality = Summary("llm_proxy_quality_score", "Feedback scores (0-1) by tier, model and rule",
                                ["tier", "model", "rule"], registry=r)
-        r.register(_StateCollector(gateway))
+        r.register(_StateCollector(state, clock, decisions))
 
     def configure(self, config: Config) -> None:
         self.tiers = known_tiers(config)

@@ -24,9 +24,9 @@ import yaml
 from aiohttp import web
 
 from proxy import config as config_module
-from proxy.app import create_app, make_runner
 from proxy.gateway import Gateway
-from proxy.handlers import GATEWAY
+from proxy.server.app import create_app, make_runner
+from proxy.server.edge import GATEWAY
 from proxy.simulator import Simulator
 from proxy.simulator import start as start_simulator
 

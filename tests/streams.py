@@ -1,4 +1,4 @@
-"""Test clients for chat answers: streamed ones are read by `proxy.chaos.read_sse_answer`,
+"""Test clients for chat answers: streamed ones are read by `proxy.commands.chaos.read_sse_answer`,
 the same strict reader `llm-proxy chaos` uses (it records [DONE], error events, malformed
 frames and anything after the end, and hides nothing)."""
 
@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.chaos import Answer, read_sse_answer
+from proxy.commands.chaos import Answer, read_sse_answer
 from proxy.simulator import canonical_text
 
 StreamResult = Answer

@@ -79,7 +79,7 @@ def test_shipped_standard_chain_passes_across_protocols(capsys: pytest.CaptureFi
 
 def test_plan_covers_fallbacks_entries_and_rotates_through_every_fault() -> None:
     from proxy import config as config_module
-    from proxy.chaos import STEP_FAULTS, paths, plan_steps
+    from proxy.commands.chaos import STEP_FAULTS, paths, plan_steps
     from proxy.providers import registry
 
     from .conftest import ROOT

@@ -44,7 +44,7 @@ def test_a_taken_port_is_reported_before_serving() -> None:
 
 
 def test_an_empty_host_means_every_interface() -> None:
-    from proxy.app import listen_problem
+    from proxy.server.app import listen_problem
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

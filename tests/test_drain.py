@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 
 from proxy import config as config_module
-from proxy.app import create_app, drain, make_runner
-from proxy.handlers import GATEWAY
+from proxy.server.app import create_app, drain, make_runner
+from proxy.server.edge import GATEWAY
 
 from .conftest import Fleet, model_entry, write_config
 

@@ -172,7 +172,7 @@ async def test_a_client_that_stops_reading_gets_a_broken_stream_not_a_clean_end(
 async def test_drain_deadline_while_writing_a_plain_answer_sends_no_second_answer(fleet: Fleet, tmp_path,
                                                                                  monkeypatch) -> None:
     from proxy import config as config_module
-    from proxy.app import drain
+    from proxy.server.app import drain
 
     from .conftest import serve, write_config
 

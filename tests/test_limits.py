@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from proxy import config as config_module
-from proxy.app import MAX_FIELD_SIZE, create_app, make_runner
+from proxy.server.app import MAX_FIELD_SIZE, create_app, make_runner
 
 from .conftest import Fleet, MakeGateway, model_entry, write_config
 

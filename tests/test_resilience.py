@@ -13,7 +13,7 @@ from typing import Any
 
 import aiohttp
 
-from proxy.chaos import read_sse_answer
+from proxy.commands.chaos import read_sse_answer
 from proxy.decisions import Decision
 
 from .conftest import Fleet, MakeGateway, RunningGateway, model_entry

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from proxy import config as config_module
-from proxy.demo import simulated
+from proxy.commands.demo import simulated
 
 from .conftest import ROOT, Fleet, serve
 

@@ -7,13 +7,15 @@ exactly as configured. It prints a ready curl command and serves until interrupt
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import signal
 import sys
 
-from .config import Config, Provider, replace_providers
-from .simulator import Behaviour
-from .simulator import start as start_simulator
+from ..config import Config, Provider, replace_providers
+from ..simulator import Behaviour
+from ..simulator import start as start_simulator
+from . import add_log_level, load_or_exit, port_number
 
 SIM_PREFIX = {"openai": "/openai/v1", "anthropic": "/anthropic/v1", "gemini": "/gemini/v1beta"}
 DEMO_BEHAVIOUR = Behaviour(ttft_s=0.25, gap_s=0.03, tokens=40)
@@ -28,7 +30,7 @@ def simulated(config: Config, sim_port: int) -> Config:
 
 
 async def _run(config: Config, host: str, port: int, sim_port: int) -> int:
-    from .app import run_server
+    from ..server.app import run_server
 
     _, sim_runner, bound = await start_simulator("127.0.0.1", sim_port, DEMO_BEHAVIOUR)
     fleet = simulated(config, bound)
@@ -59,3 +61,25 @@ def run_demo(config: Config, host: str, port: int, sim_port: int) -> int:
 
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     return uvloop.run(_run(config, host, port, sim_port))
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import logs
+    from ..server.app import listen_problem
+
+    logs.setup(args.log_level)
+    config = load_or_exit(args)
+    problem = listen_problem(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    return run_demo(config, args.host, args.port, args.sim_port)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address the gateway listens on (default 127.0.0.1)")
+    parser.add_argument("--port", type=port_number, default=8080, help="the gateway's port (default 8080)")
+    parser.add_argument("--sim-port", type=lambda text: port_number(text, allow_zero=True), default=0,
+                        help="the simulated fleet's port (default: any free port)")
+    add_log_level(parser)
+    parser.set_defaults(func=run)

@@ -4,7 +4,7 @@ The unit runs this interpreter (`sys.executable`) on the absolute config paths, 
 with SIGHUP, drains on SIGTERM with a stop timeout longer than the drain deadline, reads
 gateway and provider keys from an EnvironmentFile, and is hardened so that the service
 can read its install and config and write only its decision-log directory.
-Imports config only.
+Imports config and the shared command helpers only.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import Config
+from ..config import Config
+from . import load_or_exit, port_number, positive_int
 
 STOP_MARGIN_S = 15          # on top of the drain deadline: cut-off grace, log flush, exit
 DEFAULT_ENV_FILE = "/etc/llm-proxy/llm-proxy.env"
@@ -107,8 +108,7 @@ def render(config: Config, *, host: str, port: int, workers: int, user: str, env
 
 
 def cmd_systemd_unit(args: argparse.Namespace) -> int:
-    from .__main__ import load_or_exit
-    from .app import is_loopback
+    from ..server.app import is_loopback
 
     config = load_or_exit(args)
     host = args.host or ("0.0.0.0" if config.auth_required else "127.0.0.1")
@@ -126,8 +126,6 @@ def cmd_systemd_unit(args: argparse.Namespace) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="address the service listens on (default 0.0.0.0 when routes.yaml has "
                                        "keys, else 127.0.0.1: without keys the gateway serves loopback only)")
-    from .__main__ import port_number, positive_int
-
     parser.add_argument("--port", type=port_number, default=8080)
     parser.add_argument("--workers", type=positive_int, default=1)
     parser.add_argument("--user", default="llm-proxy", help="system user the service runs as")

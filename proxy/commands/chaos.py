@@ -30,10 +30,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .config import Chain, Config, Model, Timeouts, replace_providers
-from .providers import registry
-from .simulator import Behaviour, Simulator, canonical_text
-from .simulator import start as start_simulator
+from ..config import Chain, Config, Model, Timeouts, replace_providers
+from ..providers import registry
+from ..simulator import Behaviour, Simulator, canonical_text
+from ..simulator import start as start_simulator
+from . import load_or_exit
 
 TOKENS = 6
 CHAOS_TIMEOUTS = Timeouts(connect_s=1.0, first_token_s=1.0, idle_s=1.0, total_s=30.0)
@@ -198,7 +199,7 @@ def plan_steps(chain: Chain, config: Config, protocols: set[str], first_fault: i
 
 
 async def run_step(config: Config, sim: Simulator, chain: str, faults: dict[str, str]) -> Answer:
-    from .app import create_app
+    from ..server.app import create_app
 
     sim.faults.clear()
     sim.faults.update(faults)
@@ -275,8 +276,6 @@ def report(results: list[Step]) -> str:
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
-    from .__main__ import load_or_exit
-
     config = load_or_exit(args)
     known = [label for label, _, _ in paths(config, None)]
     unknown = [c for c in args.chain or () if c not in known]

@@ -1,7 +1,7 @@
 """Wiring only: the aiohttp application, its routes, and the serving loop with signals.
 
-The one `Gateway` object lives under `handlers.GATEWAY`. `serve` runs one process (or
-N with SO_REUSEPORT, see proxy.workers) on uvloop; SIGHUP reloads the config, SIGTERM and SIGINT drain:
+The one `Gateway` object lives under `edge.GATEWAY`. `serve` runs one process (or
+N with SO_REUSEPORT, see proxy.server.workers) on uvloop; SIGHUP reloads the config, SIGTERM and SIGINT drain:
 /readyz turns 503, the listener closes, requests in flight finish up to the drain
 deadline, the decision log is flushed, and the process exits 0.
 """
@@ -18,28 +18,29 @@ import socket
 
 from aiohttp import web
 
-from . import config as config_module
-from . import cors, handlers
-from .config import Config
-from .gateway import Gateway
-from .handlers import GATEWAY
+from .. import config as config_module
+from ..config import Config
+from ..gateway import Gateway
+from ..inbound import chat
+from . import admin, cors, edge
+from .edge import GATEWAY
 from .workers import FORWARDED, supervise
 
 log = logging.getLogger("proxy.app")
 
 
 def create_app(config: Config, gateway: Gateway | None = None) -> web.Application:
-    app = web.Application(middlewares=[handlers.openai_errors], client_max_size=1 << 40)
+    app = web.Application(middlewares=[edge.openai_errors], client_max_size=1 << 40)
     app[GATEWAY] = gateway or Gateway(config)
     cors.install(app)
-    app.router.add_post("/v1/chat/completions", handlers.chat_completions, expect_handler=handlers.expect_continue)
-    app.router.add_post("/chat/completions", handlers.chat_completions, expect_handler=handlers.expect_continue)
-    app.router.add_post("/v1/route", handlers.route)
-    app.router.add_post("/v1/feedback", handlers.feedback)
-    app.router.add_get("/v1/models", handlers.models)
-    app.router.add_get("/healthz", handlers.healthz)
-    app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_post("/v1/chat/completions", chat.chat_completions, expect_handler=edge.expect_continue)
+    app.router.add_post("/chat/completions", chat.chat_completions, expect_handler=edge.expect_continue)
+    app.router.add_post("/v1/route", admin.route)
+    app.router.add_post("/v1/feedback", admin.feedback)
+    app.router.add_get("/v1/models", admin.models)
+    app.router.add_get("/healthz", admin.healthz)
+    app.router.add_get("/readyz", admin.readyz)
+    app.router.add_get("/metrics", admin.metrics)
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     return app
@@ -108,7 +109,7 @@ async def drain(gateway: Gateway, runner: web.AppRunner, deadline_s: float) -> N
     silently in the middle of an answer. So the drain happens here first: close the
     listener, ask every keep-alive connection to close after its current answer, wait
     for the chat requests in flight; at the deadline cancel those still running, and
-    `handlers.chat_completions` ends each with an error event (or a 503) because
+    `inbound.chat.chat_completions` ends each with an error event (or a 503) because
     `gateway.cut_off` says the cancel is ours. Only then does `cleanup()` run, with
     nothing left to cut, and flush the decision log through the app's on_cleanup.
     """
@@ -174,7 +175,7 @@ async def run_server(config: Config, host: str, port: int, reuse_port: bool = Fa
 
 
 def serve(config: Config, host: str, port: int, workers: int = 1) -> int:
-    """Run one process, or `workers` processes sharing the port (see proxy.workers)."""
+    """Run one process, or `workers` processes sharing the port (see proxy.server.workers)."""
     import uvloop
 
     if workers <= 1:

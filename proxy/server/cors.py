@@ -4,15 +4,15 @@ Origins come from `server.cors_origins` of the config snapshot current when the 
 arrives, so a reload changes them. An origin not in the list gets no CORS header at all
 (the browser then refuses the answer); `"*"` in the list admits any origin. Headers are
 added in `on_response_prepare`, which also runs for streamed answers, before their first
-byte. Imports only the app key from handlers.
+byte. Imports only the app key from the edge.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from .errors import error_body
-from .handlers import GATEWAY
+from ..errors import error_body
+from .edge import GATEWAY
 
 ALLOW_METHODS = "GET, POST, OPTIONS"
 # What the OpenAI SDKs and the router's own headers need; a preflight's own list is added to it.

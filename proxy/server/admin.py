@@ -1,0 +1,99 @@
+"""The gateway's own endpoints: the routing dry run, feedback, the model catalogue, health,
+readiness and metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from aiohttp import web
+
+from ..decisions import Decision
+from ..errors import GatewayError, bad_request
+from ..inbound.routing import read_and_decide, route_view
+from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..streaming import ClientGone
+from .edge import CLIENT_CLOSED, GATEWAY, error_response, json_response, read_json, request_id
+
+FEEDBACK_MAX_BYTES = 16 * 1024
+
+
+async def route(request: web.Request) -> web.Response:
+    """Dry run: the decision a chat request would get, calling no upstream."""
+    gateway = request.app[GATEWAY]
+    decision = Decision(request_id(request), gateway.clock())
+    try:
+        _, _, plan = await read_and_decide(request, gateway.snapshot, decision)
+    except GatewayError as err:
+        return error_response(err, {"X-Request-Id": decision.request_id})
+    except ClientGone:
+        return web.Response(status=CLIENT_CLOSED)
+    first = plan.candidates[0]
+    return json_response(route_view(plan, decision), headers={   # what the chat answer would carry
+        "X-Request-Id": decision.request_id, "X-Route-Rule": plan.rule, "X-Route-Model": first.model.name,
+        "X-Route-Provider": first.deployments[0].provider.name, "X-Route-Attempts": "0"})
+
+
+def feedback_fields(body: Any) -> tuple[str, float]:
+    """`{"request_id": str, "score": 0.0-1.0}` -> (request_id, score); 400 naming the bad field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    rid = body.get("request_id")
+    if not isinstance(rid, str) or not rid:
+        raise bad_request("'request_id' must be a non-empty string", "request_id")
+    score = body.get("score")
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score) \
+            or not 0.0 <= score <= 1.0:
+        raise bad_request("'score' must be a number from 0.0 to 1.0", "score")
+    return rid, float(score)
+
+
+async def feedback(request: web.Request) -> web.Response:
+    """A quality score for a recent request, recorded against its tier, model and rule."""
+    gateway = request.app[GATEWAY]
+    snapshot = gateway.snapshot
+    try:
+        key = snapshot.authenticate(request.headers.get("Authorization"))
+        rid, score = feedback_fields(await read_json(request, FEEDBACK_MAX_BYTES))
+        gateway.feedback(rid, score, key)
+    except GatewayError as err:
+        return error_response(err, {})
+    except ClientGone:
+        return web.Response(status=CLIENT_CLOSED)
+    return json_response({"object": "feedback", "request_id": rid, "score": score})
+
+
+async def models(request: web.Request) -> web.Response:
+    """The catalogue, as OpenAI lists it: with keys configured, only for a key, and only what
+    that key may name (`allow`)."""
+    snapshot = request.app[GATEWAY].snapshot
+    config = snapshot.config
+    try:
+        key = snapshot.authenticate(request.headers.get("Authorization"))
+    except GatewayError as err:
+        return error_response(err, {})
+    allowed = key.allow if key is not None else None
+    data = [{"id": "auto", "object": "model", "created": 0, "owned_by": "llm-proxy"}]
+    data += [{"id": name, "object": "model", "created": 0, "owned_by": "llm-proxy:chain"} for name in config.chains]
+    data += [{"id": m.name, "object": "model", "created": 0, "owned_by": m.deployments[0].provider.name}
+             for m in config.models.values()]
+    if allowed is not None:
+        data = [entry for entry in data if entry["id"] in allowed]
+    return json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    if gateway.ready and not gateway.draining:
+        return json_response({"status": "ready"})
+    return json_response({"status": "draining" if gateway.draining else "starting"}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[GATEWAY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
