@@ -10,8 +10,14 @@ only taken while the budget still leaves one attempt for every later candidate.
 Streaming commit point: nothing reaches the client until the upstream has sent its first
 content-bearing event; until then any failure moves to the next attempt unseen. After it,
 bytes flow as they arrive (`streaming.stream_attempt` moves them); a stall or a cut ends
-the client's stream here with an OpenAI-style error event and no `[DONE]`, unless the
-chain opted into continuation.
+the client's stream here with the client surface's error event (`Encoder.error`: for chat
+an OpenAI-style error event and no `[DONE]`), unless the chain opted into continuation.
+
+What reaches the client is the request's `Encoder` (`proxy.encoding`): the plain answer
+goes through `Encoder.answer`, a stream's payloads through `Encoder.chunk`. When the
+surface names the serving deployment's protocol as `native` and its adapter can build
+a native request, the client's own body goes up (only `model` replaced) and the answer
+comes back untouched.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 import orjson
@@ -30,11 +36,11 @@ import orjson
 from .balancer import Balancer, Refusal, Reservation, reservation_tokens
 from .config import Chain, Deployment, ServerSettings
 from .decisions import CLIENT_DISCONNECTED, AttemptRecord, Decision
-from .errors import POLICY, FailureClass, GatewayError, UpstreamFailure, error_body, redact
-from .providers import Adapter, UpstreamRequest
+from .encoding import CHAT, Encoder
+from .errors import POLICY, FailureClass, GatewayError, UpstreamFailure, redact
+from .providers import Adapter, NativeAdapter, UpstreamRequest
 from .router import Candidate, Plan
 from .signals import Signals
-from .sse import frame
 from .streaming import ClientGone, ClientStream, StreamBroken, stream_attempt
 from .transport import Transport, classify, failure_from_exception, read_error_body, unreadable
 from .usage import Usage
@@ -58,6 +64,8 @@ class Exchange:
     plan: Plan
     decision: Decision
     deadline: float             # monotonic
+    encoder: Encoder = CHAT     # the client surface's encoding of this answer
+    native_body: bytes | None = None    # the client's own body, for a native attempt (see proxy.encoding)
 
 
 class Dispatcher:
@@ -122,12 +130,16 @@ class Dispatcher:
                     continue
                 budget -= 1
                 outcome = await self._attempt(ex, candidate, choice, request, client, prefill)
-                if outcome is None or isinstance(outcome, bytes):
-                    return outcome
+                if outcome is None:
+                    return None
+                if isinstance(outcome, bytes):
+                    return await ex.encoder.answer(outcome, request.native)
                 if isinstance(outcome, StreamBroken):
-                    # Only text can be continued: a broken tool call or an empty answer ends here.
+                    # Only text can be continued, and never after a native commit (the client
+                    # already has the upstream's own events): a broken tool call or an empty
+                    # answer ends here.
                     if chain is None or chain.on_stream_failure != "continue" or client is None \
-                            or not outcome.text:
+                            or not outcome.text or request.native:
                         await self._end_with_error(ex, client, outcome.failure)
                         return None
                     prefill = (prefill or "") + "".join(outcome.text)
@@ -188,6 +200,8 @@ class Dispatcher:
         if isinstance(outcome, StreamBroken):
             await self._end_with_error(ex, client, outcome.failure)
             return None
+        if isinstance(outcome, bytes):
+            return await ex.encoder.answer(outcome, request.native)
         return outcome
 
     def _usable(self, candidate: Candidate, min_context: int, prefill: str | None
@@ -233,8 +247,12 @@ class Dispatcher:
         """The upstream request, or why this protocol cannot express it (then the reservation
         is given back: nothing was sent, so it is not an attempt)."""
         deployment = reservation.deployment
+        adapter = self.adapters[deployment.provider.api]
         try:
-            return self.adapters[deployment.provider.api].build(deployment, ex.body, ex.signals.stream, prefill)
+            if prefill is None and ex.native_body is not None and ex.encoder.native == deployment.provider.api \
+                    and hasattr(adapter, "build_native"):
+                return cast(NativeAdapter, adapter).build_native(deployment, ex.native_body, ex.signals.stream)
+            return adapter.build(deployment, ex.body, ex.signals.stream, prefill)
         except Exception as exc:        # an adapter meeting a shape it cannot express: the request's fault
             if reservation.probe:
                 self.state.breaker(deployment.id).release_probe()
@@ -260,14 +278,14 @@ class Dispatcher:
             if ex.decision.overhead_ms is None:
                 ex.decision.overhead_ms = round((self.clock() - ex.decision.started) * 1000, 3)
             if client is None:
-                body, usage = await self._plain(adapter, deployment, request, record, ex.deadline)
+                body, usage, raw = await self._plain(adapter, deployment, request, record, ex.deadline)
             else:
                 usage = await self._streamed(ex, adapter, candidate, deployment, request, record, client, prefill)
                 body = None
             verdict = "ok"
             used_tokens = usage.total_tokens if usage else None
             self._served(ex, candidate, deployment, record, usage, body)
-            return body
+            return raw if request.native else body
         except StreamBroken as broken:
             verdict = "fail"
             self._failed(record, broken.failure, deployment)
@@ -330,7 +348,8 @@ class Dispatcher:
         }
 
     async def _plain(self, adapter: Adapter, deployment: Deployment, request: Any, record: AttemptRecord,
-                     deadline: float) -> tuple[bytes, Usage | None]:
+                     deadline: float) -> tuple[bytes, Usage | None, bytes]:
+        """The answer as a `chat.completion` body, its usage, and the upstream's own bytes."""
         timeouts = deployment.provider.timeouts
         limit = max(0.001, min(timeouts.total_s, deadline - self.clock()))
         headers_received = False
@@ -345,7 +364,8 @@ class Dispatcher:
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             raise failure_from_exception(exc, headers_received) from None
         try:
-            return adapter.parse(payload, deployment)
+            body, usage = adapter.parse(payload, deployment)
+            return body, usage, payload
         except UpstreamFailure:
             raise
         except Exception as exc:
@@ -366,17 +386,18 @@ class Dispatcher:
         timeouts = deployment.provider.timeouts
         return await stream_attempt(
             lambda: self.transport.send(deployment.provider, request), adapter, translator, timeouts,
-            min(self.clock() + timeouts.total_s, ex.deadline), record, client, commit, prefill, self.clock)
+            min(self.clock() + timeouts.total_s, ex.deadline), record, client, commit, prefill, self.clock,
+            ex.encoder, request.native)
 
     async def _end_with_error(self, ex: Exchange, client: ClientStream | None, failure: UpstreamFailure) -> None:
-        """After the commit the only honest end is an error event, never a clean close."""
+        """After the commit the only honest end is the surface's error event, never a clean close."""
         ex.decision.outcome = "stream_error"
         ex.decision.error = str(failure)
         if client is None:
             return
         try:
-            await client.write(frame(error_body(f"upstream stream failed: {failure.message}", "upstream_error",
-                                                f"stream_{failure.kind.value}")))
+            await client.write(ex.encoder.error(f"upstream stream failed: {failure.message}", "upstream_error",
+                                                f"stream_{failure.kind.value}"))
             await client.finish()
         except ClientGone:
             ex.decision.outcome = CLIENT_DISCONNECTED

@@ -4,9 +4,14 @@ Phase 1 holds every frame until the upstream has sent its first content-bearing 
 (text, tool call or finish), bounded by `first_token_s`: any failure until then is unseen
 by the client. Then the client's response is committed and the held frames written.
 Phase 2 moves bytes as they arrive: per chunk only the SSE split, the translator's one
-decode, and the write; the idle timer restarts on every read. A stall, a cut or an
-unreadable event after the commit is a `StreamBroken`, which dispatch ends with an error
-event (or continues on another model); never a clean close that looks complete.
+decode, the client surface's `Encoder.chunk` (for chat completions `sse.frame`, nothing
+more) and the write; the idle timer restarts on every read. A stall, a cut or an
+unreadable event after the commit is a `StreamBroken`, which dispatch ends with the
+surface's error event (or continues on another model); never a clean close that looks
+complete. The end of a complete stream is the encoder's `end` (chat: `data: [DONE]`).
+
+A native attempt (see `proxy.encoding`) writes each upstream event as it arrived instead
+of encoding the translator's payloads; the translator still reads every event.
 
 The attempt loop and its policy stay in `dispatch`; this module owns no state.
 """
@@ -14,7 +19,7 @@ The attempt loop and its policy stay in `dispatch`; this module owns no state.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
 import aiohttp
@@ -22,9 +27,10 @@ import orjson
 
 from .config import Timeouts
 from .decisions import AttemptRecord
+from .encoding import Encoder
 from .errors import FailureClass, UpstreamFailure
 from .providers import Adapter, StreamTranslator
-from .sse import DONE_FRAME, SSEParser, frame
+from .sse import SSEParser, frame, named_frame
 from .transport import classify, failure_from_exception, read_error_body, unreadable
 from .usage import Usage
 
@@ -55,15 +61,18 @@ class ClientGone(Exception):
 async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], adapter: Adapter,
                          translator: StreamTranslator, timeouts: Timeouts, end_total: float, record: AttemptRecord,
                          client: ClientStream, commit: Callable[[], Awaitable[None]], prefill: str | None,
-                         clock: Callable[[], float]) -> Usage | None:
+                         clock: Callable[[], float], encoder: Encoder, native: bool = False) -> Usage | None:
     """One streamed attempt: `send` it, hold frames until the first content, `commit` the
     client's response (once per request: a continuation writes on into it), then move
-    bytes as they arrive until the upstream's end. Returns the upstream's usage.
+    bytes as they arrive, each payload through `encoder.chunk` (or, `native`, each
+    upstream event as it came), until the upstream's end. Returns the upstream's usage.
 
     Before the commit a failure raises UpstreamFailure (dispatch tries the next attempt
     unseen); after it, StreamBroken; a client that left or stopped reading, ClientGone.
     """
     parser = SSEParser()
+    feed = passthrough(translator) if native else translator.feed
+    encode = _as_is if native else encoder.chunk
     loop = asyncio.get_running_loop()
     headers_received = False
     response: aiohttp.ClientResponse | None = None
@@ -82,7 +91,7 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
                     break
                 try:
                     for event in parser.feed(chunk):
-                        pending.extend(translator.feed(event.name, event.data))
+                        pending.extend(feed(event.name, event.data))
                 except UpstreamFailure:
                     raise
                 except Exception as exc:
@@ -95,7 +104,7 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
         if prefill and prefill[-1].isspace():
             pending = trim_seam(pending, translator.text)
         if pending:
-            await client.write(b"".join(frame(p) for p in pending))
+            await client.write(b"".join(map(encode, pending)))
 
         # Phase 2: bytes flow as they arrive; the idle timer restarts on every read.
         writing = False
@@ -105,7 +114,7 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
                     chunk = await content.readany()
                     if not chunk:
                         break
-                    out = [frame(p) for ev in parser.feed(chunk) for p in translator.feed(ev.name, ev.data)]
+                    out = [encode(p) for ev in parser.feed(chunk) for p in feed(ev.name, ev.data)]
                     if out:
                         # A slow reader is not a stalled upstream: while writing, only the
                         # attempt's total budget bounds the wait.
@@ -132,10 +141,10 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
             raise StreamBroken(UpstreamFailure(FailureClass.PROTOCOL, "upstream stream was cut before its end"),
                                translator.text)
         try:
-            tail = translator.close()
+            tail = () if native else translator.close()
         except Exception as exc:
             raise StreamBroken(unreadable(exc), translator.text) from None
-        await client.write(b"".join(frame(p) for p in tail) + DONE_FRAME)
+        await client.write(await encoder.end(tail, native))
         await client.finish()
         return translator.usage
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -149,6 +158,19 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
                 response.release()      # complete: the connection goes back to the pool
             else:
                 response.close()        # abandoned: never reuse a half-read connection
+
+
+def passthrough(translator: StreamTranslator) -> Callable[[str | None, bytes], Sequence[bytes]]:
+    """A native attempt's feed: the translator reads each event (commit point, finish,
+    usage, errors) and the event itself is what goes on, framed as it arrived."""
+    def feed(name: str | None, data: bytes) -> Sequence[bytes]:
+        translator.feed(name, data)
+        return (frame(data) if name is None else named_frame(name, data),)
+    return feed
+
+
+def _as_is(payload: bytes) -> bytes:
+    return payload
 
 
 def trim_seam(payloads: list[bytes], text: list[str]) -> list[bytes]:

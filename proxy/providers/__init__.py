@@ -28,6 +28,7 @@ class UpstreamRequest:
     url: str
     headers: Mapping[str, str]
     body: bytes
+    native: bool = False        # the client's own body in this protocol: the answer goes back untouched
 
 
 class StreamTranslator(Protocol):
@@ -78,6 +79,15 @@ class Adapter(Protocol):
     def stream(self, deployment: Deployment, include_usage: bool, collect_text: bool) -> StreamTranslator: ...
 
     def classify(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure: ...
+
+
+class NativeAdapter(Protocol):
+    """An adapter that can also send a client's own request in its protocol (see `proxy.encoding`)."""
+
+    def build_native(self, deployment: Deployment, body: bytes, stream: bool) -> UpstreamRequest:
+        """The client's body with only `model` replaced (and the usage a stream needs asked
+        for); the result has `native=True`. Its answer is still read by `parse` and `stream`."""
+        ...
 
 
 def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
