@@ -8,8 +8,10 @@ A map of the package, a line per room:
   server/       the HTTP layer: app (wiring, serving loop, signals, the drain), edge (body
                 decoding, request ids, JSON and SSE answers, error middleware), admin (route,
                 feedback, models, health, metrics), cors (browser clients), workers (--workers N)
-  inbound/      the client APIs, one module per surface: chat (chat completions); routing
-                (authenticate, read once, signals, plan: shared by every surface)
+  inbound/      the client APIs, one module per surface: chat (chat completions); lifecycle
+                (the request path every surface shares: key, body, decode, route, dispatch,
+                encode, one decision record); routing (authenticate, read once, signals, plan)
+  encoding      the Encoder contract: how a surface puts streams and answers on its wire
   gateway       the one app-scoped object: config snapshot, state, sessions, log, metrics
   config        providers.yaml + routes.yaml -> frozen dataclasses, errors with file and path
   yaml_paths    YAML read with file + path locations, ConfigError, the strict loader

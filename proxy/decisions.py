@@ -129,6 +129,7 @@ class Decision:
     request_id: str
     started: float                      # monotonic
     time: float = field(default_factory=time.time)
+    api: str = "chat"                   # the client API it came in by: chat | responses | messages
     key: str | None = None              # the gateway key's name
     tier: str | None = None
     requested_model: str | None = None
@@ -176,7 +177,8 @@ class Decision:
     def to_json(self) -> dict[str, Any]:
         usage = self.usage
         return {
-            "type": "decision", "time": iso_time(self.time), "request_id": self.request_id, "key": self.key,
+            "type": "decision", "time": iso_time(self.time), "request_id": self.request_id, "api": self.api,
+            "key": self.key,
             "tier": self.tier, "requested_model": self.requested_model, "stream": self.stream,
             "signals": self.signals, "rule": self.rule, "reason": self.reason, "chain": self.chain,
             "candidates": self.candidates, "skipped": self.skipped,

@@ -16,7 +16,7 @@ from ..decisions import Decision
 from ..errors import GatewayError
 from ..gateway import Snapshot
 from ..router import Plan
-from ..server.edge import read_json
+from ..server.edge import decode_json, read_body
 from ..signals import Signals, extract
 
 
@@ -61,16 +61,25 @@ def route_view(plan: Plan, decision: Decision) -> dict[str, Any]:
 
 
 async def read_and_decide(request: web.Request, snapshot: Snapshot, decision: Decision,
-                           admit: Callable[[GatewayKey | None], None] | None = None
-                           ) -> tuple[dict[str, Any], Signals, Plan]:
-    key = snapshot.authenticate(request.headers.get("Authorization"))    # 401 before reading any body
-    decision.key = key.name if key is not None else None                # known even if the body is bad
-    if admit is not None:
-        admit(key)                                                          # the key's own rpm: 429
-    server = snapshot.config.server
-    body = await read_json(request, server.max_body_bytes, server.body_timeout_s)
+                          admit: Callable[[GatewayKey | None], None] | None = None
+                          ) -> tuple[dict[str, Any], Signals, Plan]:
+    """A chat body's whole way to a plan (/v1/route, `explain`)."""
+    key, raw = await admit_and_read(request, snapshot, decision, request.headers.get("Authorization"), admit)
+    body = decode_json(raw)
     signals, plan = decide(snapshot, key, request.headers, body, decision)
     return body, signals, plan
+
+
+async def admit_and_read(request: web.Request, snapshot: Snapshot, decision: Decision, authorization: str | None,
+                         admit: Callable[[GatewayKey | None], None] | None = None
+                         ) -> tuple[GatewayKey | None, bytes]:
+    """The key (401 before any body is read), its own rpm (429), then the body's bytes (413, 408)."""
+    key = snapshot.authenticate(authorization)
+    decision.key = key.name if key is not None else None                # known even if the body is bad
+    if admit is not None:
+        admit(key)
+    server = snapshot.config.server
+    return key, await read_body(request, server.max_body_bytes, server.body_timeout_s)
 
 
 def answer_headers(decision: Decision) -> dict[str, str]:

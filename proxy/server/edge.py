@@ -85,14 +85,20 @@ def json_response(payload: Any, status: int = 200, headers: Mapping[str, str] | 
                         content_type="application/json")
 
 
-def error_response(err: GatewayError, headers: Mapping[str, str]) -> web.Response:
-    return web.Response(body=err.body(), status=err.status, headers={**headers, **err.headers},
-                        content_type="application/json")
+def error_response(err: GatewayError, headers: Mapping[str, str], body: bytes | None = None) -> web.Response:
+    """`err` with its status and headers; the body in OpenAI's shape unless a surface gives its own."""
+    return web.Response(body=err.body() if body is None else body, status=err.status,
+                        headers={**headers, **err.headers}, content_type="application/json")
 
 
 async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 30.0) -> Any:
-    """The body, decoded once; 413 over the limit, 408 when it trickles in slower than
-    `timeout_s` (a slow client must not pin a handler), 400 when it is not JSON."""
+    """The body, decoded once (see `read_body`); 400 when it is not JSON."""
+    return decode_json(await read_body(request, max_bytes, timeout_s))
+
+
+async def read_body(request: web.Request, max_bytes: int, timeout_s: float = 30.0) -> bytes:
+    """The body's bytes; 413 over the limit, 408 when it trickles in slower than `timeout_s`
+    (a slow client must not pin a handler)."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise GatewayError(413, f"request body exceeds {max_bytes} bytes", "invalid_request_error",
                            "request_too_large", outcome="bad_request")
@@ -102,7 +108,7 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 30.
         if len(raw) > max_bytes:
             raise GatewayError(413, f"request body exceeds {max_bytes} bytes", "invalid_request_error",
                                "request_too_large", outcome="bad_request")
-        return _decode(raw)
+        return raw
     chunks, size = [], 0
     try:
         async with asyncio.timeout(timeout_s):
@@ -120,10 +126,10 @@ async def read_json(request: web.Request, max_bytes: int, timeout_s: float = 30.
             raise ClientGone() from exc
         raise bad_request("the request body could not be read (malformed transfer encoding)",
                           code="invalid_body") from None
-    return _decode(b"".join(chunks))
+    return b"".join(chunks)
 
 
-def _decode(raw: bytes) -> Any:
+def decode_json(raw: bytes) -> Any:
     if not raw:
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     try:
