@@ -143,8 +143,28 @@ async def test_tool_call_non_stream_and_round_trip(sdk: SDK, make_gateway: MakeG
     # The tool's answer goes back: the provider must accept the assistant turn and the tool result.
     follow = [*ask, resp.choices[0].message.model_dump(exclude_none=True),
               {"role": "tool", "tool_call_id": call.id, "content": "18 degrees"}]
-    answer = await api.chat.completions.create(model="m0", messages=follow, tools=[WEATHER_TOOL], tool_choice="none")
+    # After a tool result the model answers with text, as a real one does...
+    answer = await api.chat.completions.create(model="m0", messages=follow, tools=[WEATHER_TOOL])
     assert answer.choices[0].finish_reason == "stop" and answer.choices[0].message.content
+    assert answer.choices[0].message.tool_calls is None
+    # ...unless the request forces a tool call, which every protocol expresses in its own way.
+    forced = await api.chat.completions.create(model="m0", messages=follow, tools=[WEATHER_TOOL],
+                                               tool_choice="required")
+    assert forced.choices[0].finish_reason == "tool_calls"
+    assert forced.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+async def test_toolloop_calls_a_tool_even_after_a_tool_result(sdk: SDK, make_gateway: MakeGateway,
+                                                              protocol: str) -> None:
+    gw = await gateway(make_gateway, protocol, "tools-toolloop")
+    api = sdk(gw)
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    first = await api.chat.completions.create(model="m0", messages=ask, tools=[WEATHER_TOOL])
+    call = first.choices[0].message.tool_calls[0]
+    follow = [*ask, first.choices[0].message.model_dump(exclude_none=True),
+              {"role": "tool", "tool_call_id": call.id, "content": "18 degrees"}]
+    again = await api.chat.completions.create(model="m0", messages=follow, tools=[WEATHER_TOOL])
+    assert again.choices[0].finish_reason == "tool_calls"
 
 
 @pytest.mark.parametrize("response_format", [

@@ -13,8 +13,14 @@ something here is applied; other parts are ignored, so `gpt-5-mini` is a healthy
              event mid-stream), nodone (no terminal event), cut<k> (socket closed after k
              tokens), stall<k> (silence after k tokens)
   caller     ctx (400 context_length_exceeded), policy (400 content policy)
+  tools      toolloop (a tool call on every turn, even right after a tool result)
   usage      cache<k> (k prompt tokens reported as cached), nousage (the OpenAI wire reports no usage,
              like OpenAI-compatible vendors that ignore stream_options)
+
+Tools: a request that offers tools gets a call of the first one, unless `tool_choice` says
+none; right after a tool result it gets text, as a real model answers with what the tool
+returned. A forced choice (OpenAI `required` or a named function, Anthropic `any` or `tool`,
+Gemini mode `ANY`) or the `toolloop` part calls the tool even then.
 
 A 401 echoes the credential it was sent in its message, as some providers do, so tests
 can prove the gateway never passes a provider key on.
@@ -62,6 +68,7 @@ class Behaviour:
     caller: str | None = None           # "ctx" | "policy"
     cached: int = 0
     usage: bool = True                  # report usage (`nousage` turns it off)
+    tool_loop: bool = False             # call a tool even right after a tool result
 
 
 def parse_behaviour(model: str, default: Behaviour) -> Behaviour:
@@ -95,6 +102,8 @@ def parse_behaviour(model: str, default: Behaviour) -> Behaviour:
                 values[p] = True
             elif p == "nousage":
                 values["usage"] = False
+            elif p == "toolloop":
+                values["tool_loop"] = True
             elif p in ("ctx", "policy"):
                 values["caller"] = p
         except ValueError:
@@ -113,6 +122,8 @@ class Ask:
     stop: list[str] = field(default_factory=list)
     tools: list[str] = field(default_factory=list)      # function names offered
     tool_choice_none: bool = False
+    tool_forced: bool = False                           # the request requires a tool call
+    after_tool_result: bool = False                     # the last turn carries a tool's result
     json_output: bool = False
     prefill: str | None = None                          # a trailing assistant message
     include_usage: bool = True
@@ -143,7 +154,8 @@ def canonical_text(tokens: int) -> list[str]:
 
 def make_reply(ask: Ask, behaviour: Behaviour) -> Reply:
     prompt_tokens = max(1, len(ask.prompt_text) // 4) + behaviour.cached
-    if ask.tools and not ask.tool_choice_none:
+    if ask.tools and not ask.tool_choice_none and (ask.tool_forced or behaviour.tool_loop
+                                                   or not ask.after_tool_result):
         args = ['{"location"', ': "Paris', '", "unit": "c"}']
         return Reply(args, "tool_calls", prompt_tokens, behaviour.cached, ask.tools[0], usage=behaviour.usage)
     pieces = canonical_text(behaviour.tokens)

@@ -41,6 +41,11 @@ def _text(content: Any) -> str:
     return "".join(out)
 
 
+def _has_block(message: dict[str, Any], kind: str) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) and any(isinstance(b, dict) and b.get("type") == kind for b in content)
+
+
 def _reject(message: str) -> web.HTTPBadRequest:
     body = {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
     return web.HTTPBadRequest(body=orjson.dumps(body), content_type="application/json")
@@ -88,6 +93,8 @@ class AnthropicWire:
             stop=list(payload.get("stop_sequences") or []),
             tools=[str(t.get("name")) for t in payload.get("tools") or []],
             tool_choice_none=tool_choice.get("type") == "none",
+            tool_forced=tool_choice.get("type") in ("any", "tool"),
+            after_tool_result=bool(messages) and _has_block(messages[-1], "tool_result"),
             json_output="json" in system.lower(),       # the model follows an instruction to answer in JSON
             prefill=prefill,
         )

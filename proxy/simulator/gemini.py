@@ -96,6 +96,9 @@ class GeminiWire:
             stop=list(config.get("stopSequences") or []),
             tools=names,
             tool_choice_none=mode == "NONE",
+            tool_forced=mode == "ANY",
+            after_tool_result=bool(contents) and any(isinstance(p, dict) and "functionResponse" in p
+                                                     for p in contents[-1].get("parts") or []),
             json_output=config.get("responseMimeType") == "application/json",
             prefill=prefill,
         )

@@ -38,6 +38,7 @@ class OpenAIWire:
         stop = payload.get("stop") or []
         fmt = (payload.get("response_format") or {}).get("type", "text")
         options = payload.get("stream_options") or {}
+        choice = payload.get("tool_choice")
         return Ask(
             model=str(payload.get("model", "")),
             stream=bool(payload.get("stream")),
@@ -45,7 +46,9 @@ class OpenAIWire:
             max_tokens=payload.get("max_completion_tokens") or payload.get("max_tokens"),
             stop=[stop] if isinstance(stop, str) else list(stop),
             tools=[t["function"]["name"] for t in payload.get("tools") or [] if "function" in t],
-            tool_choice_none=payload.get("tool_choice") == "none",
+            tool_choice_none=choice == "none",
+            tool_forced=choice == "required" or isinstance(choice, dict),
+            after_tool_result=bool(messages) and messages[-1].get("role") in ("tool", "function"),
             json_output=fmt in ("json_object", "json_schema"),
             prefill=prefill,
             include_usage=bool(options.get("include_usage")),
