@@ -54,11 +54,42 @@ JSON_INSTRUCTION = "Respond with a single valid JSON object and nothing else: no
 _CONTEXT_MARKERS = ("prompt is too long", "too many tokens", "context window")
 
 
+# The reverse of FINISH, for answers that go to a Messages client: one stop reason per finish.
+STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
+               "content_filter": "refusal"}
+# OpenAI's tool_choice strings and Anthropic's tool_choice types, both ways.
+TOOL_CHOICE = {"auto": "auto", "none": "none", "required": "any"}
+
+
 def call_id(tool_use_id: Any) -> str:
     """`toolu_01A...` -> `call_01A...`: OpenAI's id shape. Anthropic accepts any id matching
     [A-Za-z0-9_-]+ for the tool_use blocks it is sent back, so no reverse mapping is needed."""
     raw = str(tool_use_id or "")
     return "call_" + raw[6:] if raw.startswith("toolu_") else raw
+
+
+def tool_use_id(call: Any) -> str:
+    """The inverse of `call_id`, for tool calls that go to a Messages client: `call_X` -> `toolu_X`,
+    so that the ids the client sends back map to the same calls again."""
+    raw = str(call or "")
+    return "toolu_" + raw[5:] if raw.startswith("call_") else raw
+
+
+def image_source(url: str) -> dict[str, Any]:
+    """An image URL (a data URL or http) -> Anthropic's image `source`."""
+    inline = parse_data_url(url)
+    return {"type": "base64", "media_type": inline[0], "data": inline[1]} if inline else {"type": "url", "url": url}
+
+
+def source_url(source: Any) -> str | None:
+    """The inverse of `image_source`; None for a source no URL can carry (a file id)."""
+    if not isinstance(source, dict):
+        return None
+    if source.get("type") == "base64" and isinstance(source.get("data"), str):
+        return f"data:{source.get('media_type') or 'application/octet-stream'};base64,{source['data']}"
+    if source.get("type") == "url" and isinstance(source.get("url"), str):
+        return str(source["url"])
+    return None
 
 
 # ---------------------------------------------------------------------------- request
@@ -75,11 +106,7 @@ def _blocks(content: Any) -> list[dict[str, Any]]:
             if part.get("text"):
                 blocks.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
-            url = image_url(part)
-            inline = parse_data_url(url)
-            source = ({"type": "base64", "media_type": inline[0], "data": inline[1]} if inline
-                      else {"type": "url", "url": url})
-            blocks.append({"type": "image", "source": source})
+            blocks.append({"type": "image", "source": image_source(image_url(part))})
         else:
             raise unsupported(f"content part type '{kind}' is not supported by the Anthropic protocol")
     return blocks
@@ -120,12 +147,12 @@ def _turns(messages: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, An
 def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
     if choice is None and parallel is not False:
         return None
-    if choice in (None, "auto"):
-        out: dict[str, Any] = {"type": "auto"}
-    elif choice == "none":
+    if choice is None:
+        choice = "auto"
+    if choice == "none":
         return {"type": "none"}
-    elif choice == "required":
-        out = {"type": "any"}
+    if isinstance(choice, str) and choice in TOOL_CHOICE:
+        out: dict[str, Any] = {"type": TOOL_CHOICE[choice]}
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         out = {"type": "tool", "name": choice["function"].get("name")}
     else:
@@ -200,6 +227,14 @@ def parse_usage(raw: Any, into: Usage | None = None) -> Usage | None:
                  output_tokens=count("output_tokens", base.output_tokens),
                  cached_input_tokens=count("cache_read_input_tokens", base.cached_input_tokens),
                  cache_write_tokens=count("cache_creation_input_tokens", base.cache_write_tokens))
+
+
+def usage_json(usage: Usage | None) -> dict[str, int]:
+    """The inverse of `parse_usage`: Anthropic's usage object (input excludes cache reads and writes)."""
+    usage = usage or Usage()
+    return {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+            "cache_creation_input_tokens": usage.cache_write_tokens,
+            "cache_read_input_tokens": usage.cached_input_tokens}
 
 
 def classify_error(error: Any, status: int | None, in_stream: bool,
