@@ -5,16 +5,19 @@
   unknown latency class or output format, or an earlier rule that matches everything it does)
 - a chain that no rule, default or key uses
 - a provider or gateway key whose environment variable is unset
+- an alias that hides a deployment's upstream id (the alias wins), or a pattern alias that an
+  earlier pattern already catches
 
 Pure: takes a Config, returns strings. Imports config only.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Mapping
 
-from .config import LATENCY_CLASSES, OUTPUT_FORMATS, Condition, Config, Rule, declared_keys
+from .config import LATENCY_CLASSES, OUTPUT_FORMATS, Condition, Config, Rule, declared_keys, is_pattern
 
 
 def _never_matches(rule: Rule) -> str | None:
@@ -74,10 +77,29 @@ def warnings(config: Config, env: Mapping[str, str] | None = None) -> list[str]:
         if name not in used:
             out.append(f"{routes}: chains.{name}: no rule, default or key uses this chain "
                        f"(it is reachable only by naming it as the model)")
+    out += _alias_warnings(config)
     for name, provider in config.providers.items():
         if provider.api_key_env and not env.get(provider.api_key_env):
             out.append(f"{providers}: providers.{name}.api_key_env: {provider.api_key_env} is not set")
     for i, (name, key_env) in enumerate(declared_keys(routes)):
         if key_env and not env.get(key_env):
             out.append(f"{routes}: keys[{i}] ('{name}'): {key_env} is not set; this key admits nobody")
+    return out
+
+
+def _alias_warnings(config: Config) -> list[str]:
+    out = []
+    upstream = {d.upstream_model: m.name for m in reversed(list(config.models.values())) for d in m.deployments}
+    patterns: list[str] = []
+    for name, target in config.aliases.items():
+        if not is_pattern(name):
+            if name in upstream and upstream[name] != target:
+                out.append(f"{config.routes_path}: aliases.{name}: is also the upstream id of model "
+                           f"'{upstream[name]}'; requests for it go to '{target}'")
+            continue
+        earlier = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+        if earlier is not None:
+            out.append(f"{config.routes_path}: aliases.{name}: never applies: the earlier pattern "
+                       f"'{earlier}' matches every name it does")
+        patterns.append(name)
     return out

@@ -167,6 +167,8 @@ class Config:
     server: ServerSettings
     providers_path: str
     routes_path: str
+    # Names clients send -> a model, chain or `auto`: exact names, and glob patterns in file order.
+    aliases: Mapping[str, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- providers.yaml
@@ -376,6 +378,23 @@ def _server(node: Node) -> ServerSettings:
     )
 
 
+def is_pattern(name: str) -> bool:
+    """An alias name with a glob wildcard (`*`, `?`, `[...]`) matches many names."""
+    return any(c in name for c in "*?[")
+
+
+def _aliases(node: Node, models: Mapping[str, Model], chains: Mapping[str, Chain]) -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    for name, target_node in node.entries():
+        target = target_node.string()
+        if target not in models and target not in chains and target != "auto":
+            raise target_node.error(f"unknown model or chain '{target}' (an alias names a model, a chain or auto)")
+        if name in models or name in chains or name == "auto":
+            raise target_node.error(f"'{name}' is already a model, chain or auto; an alias cannot change it")
+        aliases[name] = target
+    return aliases
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -388,7 +407,7 @@ def load(providers_path: str | os.PathLike[str], routes_path: str | os.PathLike[
     models = {name: _model(name, n, providers) for name, n in p_root["models"].entries()}
 
     r_root = load_yaml(Path(routes_path)).mapping(
-        ("chains", "rules", "default", "fallbacks", "keys", "server"), ("chains", "default"))
+        ("chains", "rules", "default", "fallbacks", "aliases", "keys", "server"), ("chains", "default"))
     chains = {name: _chain(name, n) for name, n in r_root["chains"].entries()}
     for name, chain in chains.items():
         if not chain.models:
@@ -434,6 +453,8 @@ def load(providers_path: str | os.PathLike[str], routes_path: str | os.PathLike[
                     raise fnode.child(i).error(f"unknown model '{target}'")
             fallbacks[name] = targets
 
+    aliases = _aliases(r_root["aliases"], models, chains) if "aliases" in r_root else {}
+
     keys: list[GatewayKey] = []
     key_names: set[str] = set()
     for knode in (r_root["keys"].items() if "keys" in r_root else []):
@@ -453,7 +474,7 @@ def load(providers_path: str | os.PathLike[str], routes_path: str | os.PathLike[
         providers=providers, models=models, chains=chains, rules=tuple(rules), default=default,
         fallbacks=fallbacks, keys=tuple(keys), auth_required="keys" in r_root,
         server=opt(r_root, "server", _server, ServerSettings()),
-        providers_path=str(providers_path), routes_path=str(routes_path),
+        providers_path=str(providers_path), routes_path=str(routes_path), aliases=aliases,
     )
 
 

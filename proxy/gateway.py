@@ -59,9 +59,14 @@ class Snapshot:
             raise unauthorized("unknown gateway key")
         return found
 
-    @staticmethod
-    def authorize(key: GatewayKey | None, requested: str) -> None:
-        if key is not None and key.allow is not None and requested not in key.allow:
+    def may_use(self, key: GatewayKey | None, requested: str) -> bool:
+        """The key's `allow` list names what a request may resolve to (or the name itself)."""
+        return key is None or key.allow is None or requested in key.allow \
+            or self.router.resolve(requested) in key.allow
+
+    def authorize(self, key: GatewayKey | None, requested: str) -> None:
+        if not self.may_use(key, requested):
+            assert key is not None
             raise forbidden(f"key '{key.name}' may not use '{requested}'")
 
 

@@ -2,7 +2,10 @@
 
 The rules are read in order and the first whose every condition holds names the chain;
 with none, the `default` chain. A request may instead name a chain, or a model (that
-model, then its `fallbacks`). Each candidate of the chain is then filtered, in this order:
+model, then its `fallbacks`). A name the catalogue does not have resolves (`resolve`) in
+this order: an exact alias from routes.yaml, a deployment's upstream id (its catalogue
+model: clients of a provider's own API send those), then the first glob-pattern alias
+that matches; anything else is a 404. Each candidate of the chain is then filtered, in this order:
 context window (input tokens + max_tokens must fit, and max_tokens within the model's
 output limit), capabilities (json output needs `json`, tools `tools`, images `vision`),
 region (only deployments in the requested region), and the cost ceiling (worst case =
@@ -15,11 +18,13 @@ No I/O, no clock; imports only config, errors and signals.
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Chain, Condition, Config, Deployment, Model, Rule
+from .config import Chain, Condition, Config, Deployment, Model, Rule, is_pattern
 from .errors import GatewayError, not_found
 from .signals import Signals
 
@@ -111,6 +116,28 @@ class Router:
                 self._by_region[(model.name, region)] = Candidate(
                     model, tuple(d for d in model.deployments if d.region == region))
         self._nowhere = {m.name: Candidate(m, ()) for m in config.models.values()}
+        # What a name means: itself, an exact alias, or a deployment's upstream id (the first
+        # model in providers.yaml that deploys it); glob aliases are tried after these.
+        names = {name: name for name in (*config.models, *config.chains, "auto")}
+        for alias, target in config.aliases.items():
+            if not is_pattern(alias):
+                names.setdefault(alias, target)
+        for model in config.models.values():
+            for deployment in model.deployments:
+                names.setdefault(deployment.upstream_model, model.name)
+        self._names = names
+        self._patterns = tuple((re.compile(fnmatch.translate(alias)), target)
+                               for alias, target in config.aliases.items() if is_pattern(alias))
+
+    def resolve(self, requested: str) -> str | None:
+        """The model, chain or `auto` a client's name means, or None for a name nothing maps."""
+        found = self._names.get(requested)
+        if found is not None:
+            return found
+        for pattern, target in self._patterns:
+            if pattern.match(requested):
+                return target
+        return None
 
     def match(self, signals: Signals) -> tuple[str, str, str]:
         """(rule name, reason, chain name) for an `auto` request."""
@@ -126,19 +153,22 @@ class Router:
     def plan(self, signals: Signals, requested: str) -> Plan:
         """Raises a 404 GatewayError for an unknown model or chain, 400 `no_candidate` if all skip."""
         chain_config = None
-        if requested == "auto":
+        name = self.resolve(requested)
+        if name is None:
+            raise not_found(f"unknown model or chain '{requested}'; GET /v1/models lists them")
+        aka = "" if name == requested else f" (as '{requested}')"
+        if name == "auto":
             rule, reason, chain = self.match(signals)
             models = self._chain_models[chain]
             chain_config = self.config.chains[chain]
-        elif requested in self._chain_models:
-            rule, reason, chain = "chain", f"chain '{requested}' named by the request", requested
-            models = self._chain_models[requested]
-            chain_config = self.config.chains[requested]
-        elif requested in self._direct:
-            rule, reason, chain = "model", f"model '{requested}' named by the request", None
-            models = self._direct[requested]
+            reason += aka
+        elif name in self._chain_models:
+            rule, reason, chain = "chain", f"chain '{name}' named by the request{aka}", name
+            models = self._chain_models[name]
+            chain_config = self.config.chains[name]
         else:
-            raise not_found(f"unknown model or chain '{requested}'; GET /v1/models lists them")
+            rule, reason, chain = "model", f"model '{name}' named by the request{aka}", None
+            models = self._direct[name]
 
         candidates: list[Candidate] = []
         skipped: list[Skip] = []

@@ -115,6 +115,17 @@ def test_warnings(tmp_path: Path) -> None:
     assert len(found) == 6
 
 
+def test_alias_warnings(tmp_path: Path) -> None:
+    providers = yaml.safe_load(yaml.safe_dump(PROVIDERS))
+    providers["models"]["big"]["deployments"] = [{"provider": "p", "model": "big-2025"}]
+    routes = {**ROUTES, "aliases": {"big-2025": "small", "claude-*": "main", "claude-opus-*": "big", "gpt-*": "auto"}}
+    p, r = write(tmp_path, providers, routes)
+    found = [w for w in warnings(config_module.load(p, r, env={}), env={}) if "aliases" in w]
+    assert len(found) == 2
+    assert "aliases.big-2025: is also the upstream id of model 'big'; requests for it go to 'small'" in found[0]
+    assert "aliases.claude-opus-*: never applies: the earlier pattern 'claude-*'" in found[1]
+
+
 def test_secrets_stay_out_of_repr(tmp_path: Path) -> None:
     p, r = write(tmp_path, PROVIDERS, ROUTES)
     config = config_module.load(p, r, env={"P_KEY": "sk-very-secret-value"})
@@ -129,6 +140,9 @@ def test_secrets_stay_out_of_repr(tmp_path: Path) -> None:
                {"name": "a", "key_env": "UNSET_B", "tier": "free"}]},
      "routes.yaml: keys[1].name: duplicate key name 'a'"),
     ({"rules": [{"name": "default", "chain": "main"}]}, "routes.yaml: rules[0].name: 'default' is reserved"),
+    ({"aliases": {"claude-*": "ghost"}}, "routes.yaml: aliases.claude-*: unknown model or chain 'ghost'"),
+    ({"aliases": {"small": "big"}}, "routes.yaml: aliases.small: 'small' is already a model, chain or auto"),
+    ({"aliases": {"x": ["big"]}}, "routes.yaml: aliases.x: expected a non-empty string"),
 ])
 def test_key_and_rule_mistakes_are_errors(tmp_path: Path, routes_extra: dict, message: str) -> None:
     p, r = write(tmp_path, PROVIDERS, {**ROUTES, **routes_extra})

@@ -175,3 +175,27 @@ async def test_an_oversized_announced_body_is_checked_after_the_key_and_recorded
     records = [orjson.loads(line) for line in (tmp_path / "decisions.jsonl").read_bytes().splitlines()]
     assert [(r["request_id"], r["status"]) for r in records if r.get("request_id") == "big-1"] == \
         [("big-1", 401), ("big-1", 413)]
+
+
+async def test_a_model_is_retrieved_by_any_name_a_request_may_send(keyed: RunningGateway) -> None:
+    """`models.retrieve` (openai SDK), with and without /v1: 401 without a key, 404 for a name
+    the key may not use, as for one that does not exist."""
+    from openai import AsyncOpenAI, NotFoundError
+
+    for base in (keyed.base, keyed.url):
+        web = AsyncOpenAI(base_url=base, api_key=WEB_KEY, max_retries=0)
+        fast = await web.models.retrieve("fast")
+        assert (fast.id, fast.object, fast.owned_by) == ("fast", "model", "sim-openai")
+        assert (await web.models.retrieve("main")).owned_by == "llm-proxy:chain"
+        assert (await web.models.retrieve("fast-n3")).owned_by == "sim-openai"     # a deployment's upstream id
+        with pytest.raises(NotFoundError):
+            await web.models.retrieve("nope")
+        assert {m.id async for m in web.models.list()} == {"auto", "main", "spare", "fast", "other"}
+        batch = AsyncOpenAI(base_url=base, api_key=BATCH_KEY, max_retries=0)
+        assert (await batch.models.retrieve("main")).id == "main"
+        with pytest.raises(NotFoundError):
+            await batch.models.retrieve("spare")            # exists, but this key may not use it
+        await web.close()
+        await batch.close()
+    async with aiohttp.ClientSession() as session, session.get(keyed.url + "/models/fast") as resp:
+        assert resp.status == 401 and (await resp.json())["error"]["type"] == "authentication_error"

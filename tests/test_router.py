@@ -36,7 +36,7 @@ def router(tmp_path: Path, models: dict[str, Any], routes: dict[str, Any]) -> Ro
     }
     p, r = tmp_path / "p.yaml", tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump({"providers": providers, "models": models}))
-    r.write_text(yaml.safe_dump(routes))
+    r.write_text(yaml.safe_dump(routes, sort_keys=False))      # aliases: file order matters
     return Router(config_module.load(p, r, env={}))
 
 
@@ -162,3 +162,26 @@ def test_unknown_region_never_grows_state(tmp_path: Path) -> None:
         with pytest.raises(GatewayError):
             r.plan(make_signals(region=f"mars-{i}"), "auto")
     assert len(r._by_region) == before
+
+
+def test_names_resolve_through_aliases_upstream_ids_and_patterns(tmp_path: Path) -> None:
+    models = {"opus": {**model(3), "deployments": [{"provider": "us", "model": "claude-opus-4-1-20250805"}]},
+              "haiku": {**model(1), "deployments": [{"provider": "us", "model": "claude-haiku-4-5-20251001"}]}}
+    routes = {"chains": {"premium": ["opus", "haiku"], "budget": ["haiku"]}, "default": "budget",
+              "aliases": {"claude-opus-5-5": "premium", "claude-haiku-*": "budget", "claude-*": "auto",
+                          "claude-opus-4-1-20250805": "haiku"}}
+    r = router(tmp_path, models, routes)
+    assert r.resolve("opus") == "opus" and r.resolve("premium") == "premium" and r.resolve("auto") == "auto"
+    assert r.resolve("claude-opus-5-5") == "premium"                 # an exact alias
+    assert r.resolve("claude-haiku-4-5-20251001") == "haiku"         # an upstream id, before any pattern
+    assert r.resolve("claude-opus-4-1-20250805") == "haiku"          # an exact alias beats an upstream id
+    assert r.resolve("claude-haiku-3") == "budget"                   # the first matching pattern
+    assert r.resolve("claude-sonnet-9") == "auto"
+    assert r.resolve("gpt-4o") is None
+    plan = r.plan(make_signals(), "claude-opus-5-5")
+    assert (plan.rule, plan.chain) == ("chain", "premium") and "(as 'claude-opus-5-5')" in plan.reason
+    assert r.plan(make_signals(), "claude-haiku-4-5-20251001").candidates[0].model.name == "haiku"
+    assert r.plan(make_signals(), "claude-sonnet-9").rule == "default"
+    with pytest.raises(GatewayError) as caught:
+        r.plan(make_signals(), "gpt-4o")
+    assert caught.value.status == 404

@@ -9,8 +9,9 @@ from typing import Any
 
 from aiohttp import web
 
+from ..config import Config
 from ..decisions import Decision
-from ..errors import GatewayError, bad_request
+from ..errors import GatewayError, bad_request, not_found
 from ..inbound.routing import read_and_decide, route_view
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..streaming import ClientGone
@@ -64,23 +65,47 @@ async def feedback(request: web.Request) -> web.Response:
     return json_response({"object": "feedback", "request_id": rid, "score": score})
 
 
+def _catalogue(config: Config) -> dict[str, str]:
+    """Every name a client may list, with its owner: `auto`, the chains, the models."""
+    owners = {"auto": "llm-proxy"}
+    owners.update((name, "llm-proxy:chain") for name in config.chains)
+    owners.update((m.name, m.deployments[0].provider.name) for m in config.models.values())
+    return owners
+
+
+def _entry(name: str, owner: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner}
+
+
 async def models(request: web.Request) -> web.Response:
     """The catalogue, as OpenAI lists it: with keys configured, only for a key, and only what
     that key may name (`allow`)."""
     snapshot = request.app[GATEWAY].snapshot
-    config = snapshot.config
     try:
         key = snapshot.authenticate(request.headers.get("Authorization"))
     except GatewayError as err:
         return error_response(err, {})
     allowed = key.allow if key is not None else None
-    data = [{"id": "auto", "object": "model", "created": 0, "owned_by": "llm-proxy"}]
-    data += [{"id": name, "object": "model", "created": 0, "owned_by": "llm-proxy:chain"} for name in config.chains]
-    data += [{"id": m.name, "object": "model", "created": 0, "owned_by": m.deployments[0].provider.name}
-             for m in config.models.values()]
-    if allowed is not None:
-        data = [entry for entry in data if entry["id"] in allowed]
+    data = [_entry(name, owner) for name, owner in _catalogue(snapshot.config).items()
+            if allowed is None or name in allowed]
     return json_response({"object": "list", "data": data})
+
+
+async def model(request: web.Request) -> web.Response:
+    """One model as OpenAI shows it (`models.retrieve`). Any name a request may send resolves:
+    a catalogue model, a chain, `auto`, an alias or a deployment's upstream id; the entry keeps
+    the asked id, as OpenAI does, and names the owner of what it resolves to. A name the key
+    may not use is as unknown as one that does not exist (404): the list hides it too."""
+    snapshot = request.app[GATEWAY].snapshot
+    asked = request.match_info["model_id"]
+    try:
+        key = snapshot.authenticate(request.headers.get("Authorization"))
+        target = snapshot.router.resolve(asked)
+        if target is None or not snapshot.may_use(key, asked):
+            raise not_found(f"the model '{asked}' does not exist; GET /v1/models lists them")
+    except GatewayError as err:
+        return error_response(err, {})
+    return json_response(_entry(asked, _catalogue(snapshot.config)[target]))
 
 
 async def healthz(request: web.Request) -> web.Response:

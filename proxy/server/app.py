@@ -37,7 +37,9 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
     app.router.add_post("/chat/completions", chat.chat_completions, expect_handler=edge.expect_continue)
     app.router.add_post("/v1/route", admin.route)
     app.router.add_post("/v1/feedback", admin.feedback)
-    app.router.add_get("/v1/models", admin.models)
+    for prefix in ("/v1", ""):                  # the SDKs' base URL may or may not end in /v1
+        app.router.add_get(f"{prefix}/models", admin.models)
+        app.router.add_get(prefix + "/models/{model_id:.+}", admin.model)
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
     app.router.add_get("/metrics", admin.metrics)
