@@ -88,6 +88,7 @@ class AttemptRecord:
     cost_usd: float = 0.0
     cost_estimated: bool = False
     wasted: bool = False                # billed, but abandoned by the gateway (broken stream)
+    dropped: tuple[str, ...] | None = None  # what the translated request left out of the client's
 
     @property
     def billed(self) -> bool:
@@ -120,7 +121,7 @@ class AttemptRecord:
             "cached_input_tokens": usage.cached_input_tokens if usage else None,
             "output_tokens": usage.output_tokens if usage else None,
             "cost_usd": round(self.cost_usd, 10), "cost_estimated": self.cost_estimated,
-            "wasted": self.wasted,
+            "wasted": self.wasted, "dropped": list(self.dropped) if self.dropped else None,
         }
 
 

@@ -27,7 +27,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
@@ -66,6 +66,9 @@ class Exchange:
     deadline: float             # monotonic
     encoder: Encoder = CHAT     # the client surface's encoding of this answer
     native_body: bytes | None = None    # the client's own body, for a native attempt (see proxy.encoding)
+    native_headers: Mapping[str, str] = field(default_factory=dict)     # the client's headers it forwards
+    dropped: tuple[str, ...] = ()       # what `body` leaves out of the client's request: a translated
+    untranslatable: str | None = None   # attempt's record names it; why only a native attempt can serve
 
 
 class Dispatcher:
@@ -251,7 +254,10 @@ class Dispatcher:
         try:
             if prefill is None and ex.native_body is not None and ex.encoder.native == deployment.provider.api \
                     and hasattr(adapter, "build_native"):
-                return cast(NativeAdapter, adapter).build_native(deployment, ex.native_body, ex.signals.stream)
+                return cast(NativeAdapter, adapter).build_native(deployment, ex.native_body, ex.signals.stream,
+                                                                 ex.native_headers)
+            if ex.untranslatable is not None:
+                raise UpstreamFailure(FailureClass.CALLER, ex.untranslatable, 400, "unsupported_parameter")
             return adapter.build(deployment, ex.body, ex.signals.stream, prefill)
         except Exception as exc:        # an adapter meeting a shape it cannot express: the request's fault
             if reservation.probe:
@@ -268,7 +274,7 @@ class Dispatcher:
         deployment = reservation.deployment
         adapter = self.adapters[deployment.provider.api]
         record = AttemptRecord(candidate.model.name, deployment.id, deployment.provider.name, self.clock(),
-                               deployment.price)
+                               deployment.price, dropped=None if request.native else ex.dropped or None)
         ex.decision.attempts.append(record)
         breaker = self.state.breaker(deployment.id)
         used_tokens: int | None = None
@@ -277,11 +283,12 @@ class Dispatcher:
         try:
             if ex.decision.overhead_ms is None:
                 ex.decision.overhead_ms = round((self.clock() - ex.decision.started) * 1000, 3)
+            body: bytes | None = None
+            raw: bytes | None = None        # the upstream's own answer, for a native request
             if client is None:
                 body, usage, raw = await self._plain(adapter, deployment, request, record, ex.deadline)
             else:
                 usage = await self._streamed(ex, adapter, candidate, deployment, request, record, client, prefill)
-                body = None
             verdict = "ok"
             used_tokens = usage.total_tokens if usage else None
             self._served(ex, candidate, deployment, record, usage, body)

@@ -19,26 +19,16 @@ import pytest
 from aiohttp import web
 
 from proxy import config as config_module
-from proxy.config import Deployment, GatewayKey
+from proxy.config import GatewayKey
 from proxy.errors import GatewayError
 from proxy.gateway import Gateway
 from proxy.inbound.lifecycle import Call, handler
-from proxy.providers import UpstreamRequest
-from proxy.providers.anthropic import AnthropicAdapter
 from proxy.server.app import create_app, make_runner
 from proxy.server.edge import GATEWAY
 from proxy.simulator import canonical_text
 from proxy.sse import SSEParser
 
 from .conftest import Fleet, model_entry, write_config
-
-
-class NativeAnthropic(AnthropicAdapter):
-    def build_native(self, deployment: Deployment, body: bytes, stream: bool) -> UpstreamRequest:
-        request = self.build(deployment, {"model": "x", "messages": []}, stream)    # URL and headers
-        payload = orjson.loads(body)
-        payload["model"] = deployment.upstream_model
-        return UpstreamRequest(request.url, request.headers, orjson.dumps(payload), native=True)
 
 
 class MessagesLike:
@@ -89,7 +79,6 @@ async def surface_gateway(tmp_path: Path, fleet: Fleet, monkeypatch: pytest.Monk
     app = create_app(config_module.load(*write_config(tmp_path, fleet, models, routes)))
     app.router.add_post("/test/messages", handler(MessagesLike()))
     gateway = app[GATEWAY]
-    gateway.adapters["anthropic"] = NativeAnthropic()
     runner = make_runner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -55,6 +55,9 @@ class Call:
     body: dict[str, Any]                # an OpenAI chat body: signals, routing and the adapters read it
     encoder: Encoder                    # how the answer goes on this client's wire
     native_body: bytes | None = None    # the client's own bytes, for an upstream that speaks its protocol
+    native_headers: Mapping[str, str] = field(default_factory=dict)    # what a native request forwards
+    dropped: tuple[str, ...] = ()       # what `body` leaves out of the client's request (for the record)
+    untranslatable: str | None = None   # why only an upstream of the native protocol can serve it
 
 
 class Surface(Protocol):
@@ -94,7 +97,7 @@ async def serve(request: web.Request, surface: Surface) -> web.StreamResponse:
         signals, plan = decide(snapshot, key, request.headers, call.body, decision)
         deadline = decision.started + snapshot.config.server.request_timeout_s
         exchange = Exchange(decision.request_id, call.body, signals, plan, decision, deadline, encoder,
-                            call.native_body)
+                            call.native_body, call.native_headers, call.dropped, call.untranslatable)
         if signals.stream:
             writer = SSEWriter(request)
             await snapshot.dispatcher.run(exchange, writer)

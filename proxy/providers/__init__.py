@@ -84,9 +84,11 @@ class Adapter(Protocol):
 class NativeAdapter(Protocol):
     """An adapter that can also send a client's own request in its protocol (see `proxy.encoding`)."""
 
-    def build_native(self, deployment: Deployment, body: bytes, stream: bool) -> UpstreamRequest:
+    def build_native(self, deployment: Deployment, body: bytes, stream: bool,
+                     headers: Mapping[str, str]) -> UpstreamRequest:
         """The client's body with only `model` replaced (and the usage a stream needs asked
-        for); the result has `native=True`. Its answer is still read by `parse` and `stream`."""
+        for), with the client's protocol headers it needs (`headers`: the surface picks them);
+        the result has `native=True`. Its answer is still read by `parse` and `stream`."""
         ...
 
 

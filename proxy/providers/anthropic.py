@@ -18,7 +18,14 @@ and the stream translator needs no knowledge of the request.
 Response and stream: `message_start` ... `message_stop` become OpenAI chunks (role
 first, text, tool calls indexed from 0 in order, the finish chunk, usage last when
 asked); `ping` is ignored; an `event: error` raises `UpstreamFailure`. Usage keeps
-Anthropic's split: `input_tokens` already excludes cache reads and writes.
+Anthropic's split: `input_tokens` already excludes cache reads and writes. A thinking
+block counts as content for the commit point: the model is answering, and a long think
+must not run into `first_token_s`.
+
+Native (`build_native`): a Messages client's own body goes up with only `model` replaced
+in its bytes (`proxy.rawjson`), so signed thinking blocks and `cache_control` arrive as
+sent; its answer is read by the same `parse` and stream translator, for usage and the
+commit point, while the client gets the upstream's own bytes (`proxy.encoding`).
 Pure: never opens a socket.
 """
 
@@ -31,6 +38,7 @@ import orjson
 
 from ..config import Deployment
 from ..errors import FailureClass, UpstreamFailure
+from ..rawjson import replace_string
 from ..usage import Usage
 from . import UpstreamRequest, classify_error_object, error_in_body, json_event, retry_after_s
 from .shape import (
@@ -281,6 +289,9 @@ class AnthropicStream(TranslatedStream):
                 return self.tool_call_start(index, call_id(block.get("id")), str(block.get("name") or ""))
             if block.get("type") == "text":
                 return self.content(str(block.get("text") or ""))
+            if block.get("type") in ("thinking", "redacted_thinking"):
+                # The model is answering: commit, or a long think would run into first_token_s.
+                self.content_seen = True
             return ()
         if kind == "message_start":
             message = event.get("message") or {}
@@ -302,12 +313,27 @@ class AnthropicStream(TranslatedStream):
 class AnthropicAdapter:
     def build(self, deployment: Deployment, body: Mapping[str, Any], stream: bool,
               prefill: str | None = None) -> UpstreamRequest:
+        payload = request_payload(deployment, body, stream, prefill)
+        return UpstreamRequest(f"{deployment.provider.base_url}/messages", self._headers(deployment, {}),
+                               orjson.dumps(payload))
+
+    def build_native(self, deployment: Deployment, body: bytes, stream: bool,
+                     headers: Mapping[str, str], path: str = "/messages") -> UpstreamRequest:
+        """A Messages client's own body, only `model` replaced in its bytes (signed thinking
+        blocks and cache_control stay as sent); `headers` (`anthropic-version`,
+        `anthropic-beta`) override the defaults. `path` `/messages/count_tokens` counts."""
+        raw = replace_string(body, "model", deployment.upstream_model)
+        return UpstreamRequest(f"{deployment.provider.base_url}{path}", self._headers(deployment, headers), raw,
+                               native=True)
+
+    @staticmethod
+    def _headers(deployment: Deployment, client: Mapping[str, str]) -> dict[str, str]:
         provider = deployment.provider
-        headers = {"Content-Type": "application/json", "anthropic-version": API_VERSION, **provider.headers}
+        headers = {"Content-Type": "application/json", "anthropic-version": API_VERSION, **provider.headers,
+                   **client}
         if provider.api_key:
             headers[provider.auth_header or "x-api-key"] = provider.api_key
-        payload = request_payload(deployment, body, stream, prefill)
-        return UpstreamRequest(f"{provider.base_url}/messages", headers, orjson.dumps(payload))
+        return headers
 
     def parse(self, payload: bytes, deployment: Deployment) -> tuple[bytes, Usage | None]:
         try:
