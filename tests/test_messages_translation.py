@@ -1,6 +1,6 @@
 """The Messages surface's pure parts: request checks and translation, answer and stream
-encoding (read back by the official `anthropic` SDK's own accumulator), the raw-byte model
-swap of the passthrough, and the watcher of a passed-through stream."""
+encoding (read back by the official `anthropic` SDK's own accumulator), and the raw-byte
+model swap of the passthrough."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message
 
-from proxy.errors import FailureClass, GatewayError, UpstreamFailure
-from proxy.inbound.messages_answer import MessagesEncoder, error_body, error_event, message_from_completion
-from proxy.inbound.messages_native import NativeWatch, NotFound, replace_model
+from proxy.errors import FailureClass, GatewayError
+from proxy.inbound.messages_answer import MessagesEncoder, error_body, message_from_completion
 from proxy.inbound.messages_request import check, to_chat
 from proxy.providers.anthropic import request_payload
+from proxy.rawjson import NotFound, replace_string
 from proxy.sse import SSEParser
 
 from .test_translation import CLAUDE
@@ -182,8 +182,8 @@ def replay(frames: bytes) -> tuple[list[str], Message]:
     return names, Message.model_validate(snapshot.model_dump())
 
 
-def test_stream_encoder_text_then_two_tool_calls() -> None:
-    encoder = MessagesEncoder(input_estimate=25)
+async def test_stream_encoder_text_then_two_tool_calls() -> None:
+    encoder = MessagesEncoder()
     parts = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Let me "}), chunk({"content": "check."}),
              chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
                                     "function": {"name": "get_weather", "arguments": ""}}]}),
@@ -193,7 +193,7 @@ def test_stream_encoder_text_then_two_tool_calls() -> None:
                                     "function": {"name": "now", "arguments": ""}}]}),
              chunk({}, "tool_calls"),
              chunk(None, usage={"prompt_tokens": 40, "completion_tokens": 12})]
-    frames = b"".join(encoder.feed(p) for p in parts) + encoder.close()
+    frames = b"".join(encoder.chunk(p) for p in parts[:-1]) + await encoder.end(parts[-1:], native=False)
     names, message = replay(frames)
     assert names == ["message_start", "content_block_start", "content_block_delta", "content_block_delta",
                      "content_block_stop", "content_block_start", "content_block_delta", "content_block_delta",
@@ -207,17 +207,20 @@ def test_stream_encoder_text_then_two_tool_calls() -> None:
     assert (message.usage.input_tokens, message.usage.output_tokens) == (40, 12)
 
 
-def test_stream_without_usage_estimates_and_errors_are_anthropic_events() -> None:
-    encoder = MessagesEncoder(input_estimate=25)
-    frames = encoder.feed(chunk({"content": "abcdefgh"})) + encoder.feed(chunk({}, "length")) + encoder.close()
-    _, message = replay(frames)
+async def test_stream_without_usage_estimates_and_errors_are_anthropic_events() -> None:
+    encoder = MessagesEncoder()
+    frames = encoder.chunk(chunk({"content": "abcdefgh"})) + encoder.chunk(chunk({}, "length"))
+    _, message = replay(frames + await encoder.end((), native=False))
     assert message.stop_reason == "max_tokens"
-    assert (message.usage.input_tokens, message.usage.output_tokens) == (25, 2)
-    broken = error_event(UpstreamFailure(FailureClass.OVERLOADED, "went away"))
-    (event,) = SSEParser().feed(broken)
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (0, 2)     # unknown input, output estimated
+    assert await encoder.end((), native=True) == b""           # a native stream's own end went through
+    (event,) = SSEParser().feed(encoder.error("upstream stream failed: went away", "upstream_error",
+                                              f"stream_{FailureClass.OVERLOADED.value}"))
     assert event.name == "error"
     assert json.loads(event.data) == {"type": "error", "error": {"type": "overloaded_error",
                                                                  "message": "upstream stream failed: went away"}}
+    (timeout,) = SSEParser().feed(encoder.error("x", "upstream_error", "stream_timeout"))
+    assert json.loads(timeout.data)["error"]["type"] == "timeout_error"
     assert json.loads(error_body(504, "slow", "req_1")) == {
         "type": "error", "error": {"type": "timeout_error", "message": "slow"}, "request_id": "req_1"}
 
@@ -230,34 +233,9 @@ def test_replace_model_touches_only_the_top_level_model() -> None:
            b'"say \\"model\\": \\"x\\" \\u00e9", "cache_control": {"type": "ephemeral"}}]}],\n'
            b'  "tools": [{"name": "t", "input_schema": {"properties": {"model": {"type": "string"}}}}],\n'
            b'  "model"  :  "claude-opus-5-5", "metadata": {"model": "keep"}, "m\\u006fdel": "dup"}')
-    out = replace_model(raw, "claude-opus-4-1-20250805")
+    out = replace_string(raw, "model", "claude-opus-4-1-20250805")
     assert out == raw.replace(b'"claude-opus-5-5"', b'"claude-opus-4-1-20250805"').replace(
         b'"dup"', b'"claude-opus-4-1-20250805"')
     assert orjson.loads(out)["model"] == "claude-opus-4-1-20250805"
     with pytest.raises(NotFound):
-        replace_model(b'{"messages": [{"model": "nested"}]}', "x")
-
-
-def test_native_watch_commits_at_the_first_block_and_reads_usage() -> None:
-    watch = NativeWatch(include_usage=True, collect_text=True)
-    events = [("message_start", {"message": {"usage": {"input_tokens": 9, "cache_read_input_tokens": 4,
-                                                      "output_tokens": 1}}}),
-              ("ping", {})]
-    for name, data in events:
-        watch.feed(name, orjson.dumps({"type": name, **data}))
-    assert not watch.content_seen
-    watch.feed("content_block_start", orjson.dumps({"type": "content_block_start", "index": 0,
-                                                    "content_block": {"type": "thinking", "thinking": ""}}))
-    assert watch.content_seen
-    watch.feed("content_block_delta", orjson.dumps({"type": "content_block_delta", "index": 1,
-                                                    "delta": {"type": "text_delta", "text": "Hi"}}))
-    watch.feed("message_delta", orjson.dumps({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
-                                              "usage": {"output_tokens": 5}}))
-    assert not watch.finished
-    watch.feed("message_stop", b'{"type": "message_stop"}')
-    assert watch.finished and watch.text == ["Hi"] and watch.finish_reason == "end_turn"
-    assert watch.usage is not None and (watch.usage.input_tokens, watch.usage.cached_input_tokens,
-                                        watch.usage.output_tokens) == (9, 4, 5)
-    with pytest.raises(UpstreamFailure) as caught:
-        watch.feed("error", b'{"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}')
-    assert caught.value.kind is FailureClass.OVERLOADED
+        replace_string(b'{"messages": [{"model": "nested"}]}', "model", "x")

@@ -22,11 +22,12 @@ Pure: no I/O.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
 
-from ..errors import FailureClass, UpstreamFailure
+from ..errors import FailureClass
 from ..providers.anthropic import STOP_REASON, tool_use_id, usage_json
 from ..providers.openai import parse_usage
 from ..sse import named_frame
@@ -36,8 +37,10 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "
                403: "permission_error", 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
                500: "api_error", 502: "api_error", 503: "overloaded_error", 504: "timeout_error",
                529: "overloaded_error"}
-_STREAM_ERROR_TYPES = {FailureClass.OVERLOADED: "overloaded_error", FailureClass.RATE_LIMITED: "overloaded_error",
-                       FailureClass.TIMEOUT: "timeout_error"}
+# The code dispatch gives a broken stream (`stream_<failure class>`) -> Anthropic's error type.
+_CODE_ERROR_TYPES = {f"stream_{FailureClass.OVERLOADED.value}": "overloaded_error",
+                     f"stream_{FailureClass.RATE_LIMITED.value}": "overloaded_error",
+                     f"stream_{FailureClass.TIMEOUT.value}": "timeout_error"}
 
 
 def message_id() -> str:
@@ -54,13 +57,6 @@ def error_body(status: int, message: str, request_id: str | None = None) -> byte
     if request_id is not None:
         body["request_id"] = request_id
     return orjson.dumps(body)
-
-
-def error_event(failure: UpstreamFailure) -> bytes:
-    """The end of a committed stream that broke: Anthropic's own `error` event."""
-    kind = _STREAM_ERROR_TYPES.get(failure.kind, "api_error")
-    return named_frame("error", orjson.dumps({"type": "error", "error": {
-        "type": kind, "message": f"upstream stream failed: {failure.message}"}}))
 
 
 def _tool_input(arguments: Any) -> Any:
@@ -92,18 +88,19 @@ def message_from_completion(payload: bytes) -> tuple[bytes, str]:
 
 
 class MessagesEncoder:
-    """Chat chunk payloads in, Messages SSE frames out; one per streamed answer.
+    """The Messages surface's `Encoder` (`proxy.encoding`), one per request: chat chunk
+    payloads in, Messages SSE frames out; a native answer (an Anthropic deployment's own)
+    goes through as it came.
 
     The block being written is either text or one tool call; a change of kind (or of
     tool call) closes it and opens the next, indexed from 0.
     """
 
-    __slots__ = ("_id", "_input_estimate", "_started", "_block", "_open", "_tool_index", "_tool_args",
-                 "_stop", "_usage", "_chars")
+    __slots__ = ("_id", "_started", "_block", "_open", "_tool_index", "_tool_args", "_stop", "_usage", "_chars")
+    native: str | None = "anthropic"
 
-    def __init__(self, input_estimate: int) -> None:
+    def __init__(self) -> None:
         self._id = message_id()
-        self._input_estimate = input_estimate
         self._started = False
         self._block = -1                    # index of the last block opened
         self._open: str | int | None = None  # "text", a chat tool-call index, or None
@@ -113,15 +110,16 @@ class MessagesEncoder:
         self._usage: Usage | None = None
         self._chars = 0                     # output characters, for an estimate when usage never comes
 
-    def feed(self, payload: bytes) -> bytes:
+    def chunk(self, payload: bytes) -> bytes:
         chunk = orjson.loads(payload)
         out: list[bytes] = []
         if not self._started:
             self._started = True
+            # Chat protocols report usage after the finish: message_delta carries it.
             out.append(self._event("message_start", {"message": {
                 "id": self._id, "type": "message", "role": "assistant", "model": str(chunk.get("model") or ""),
                 "content": [], "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": self._input_estimate, "output_tokens": 0}}}))
+                "usage": {"input_tokens": 0, "output_tokens": 0}}}))
         if chunk.get("usage"):
             self._usage = parse_usage(chunk["usage"])
         for choice in chunk.get("choices") or ():
@@ -135,15 +133,27 @@ class MessagesEncoder:
                 self._stop = STOP_REASON.get(choice["finish_reason"], "end_turn")
         return b"".join(out)
 
-    def close(self) -> bytes:
-        """The end of a complete answer: the open block's stop, `message_delta`, `message_stop`."""
-        out = self._close_block()
-        usage = usage_json(self._usage) if self._usage is not None else {
-            "input_tokens": self._input_estimate, "output_tokens": (self._chars + 3) >> 2}
+    async def end(self, payloads: Sequence[bytes], native: bool) -> bytes:
+        """The end of a complete answer: the open block's stop, `message_delta`, `message_stop`
+        (a native stream's own end has gone through already)."""
+        if native:
+            return b""
+        out = [self.chunk(p) for p in payloads]
+        out += self._close_block()
+        usage: dict[str, int] = usage_json(self._usage) if self._usage is not None \
+            else {"output_tokens": (self._chars + 3) >> 2}          # no usage came: an estimate of the output
         out.append(self._event("message_delta", {"delta": {"stop_reason": self._stop or "end_turn",
                                                            "stop_sequence": None}, "usage": usage}))
         out.append(self._event("message_stop", {}))
         return b"".join(out)
+
+    def error(self, message: str, type_: str, code: str | None) -> bytes:
+        """After the commit: Anthropic's own `error` event, and no `message_stop`."""
+        kind = _CODE_ERROR_TYPES.get(code or "") or ("overloaded_error" if code == "shutting_down" else "api_error")
+        return named_frame("error", orjson.dumps({"type": "error", "error": {"type": kind, "message": message}}))
+
+    async def answer(self, body: bytes, native: bool) -> bytes:
+        return body if native else message_from_completion(body)[0]
 
     # ------------------------------------------------------------------ blocks
 

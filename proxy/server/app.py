@@ -21,7 +21,7 @@ from aiohttp import web
 from .. import config as config_module
 from ..config import Config
 from ..gateway import Gateway
-from ..inbound import chat
+from ..inbound import chat, messages
 from . import admin, cors, edge
 from .edge import GATEWAY
 from .workers import FORWARDED, supervise
@@ -32,9 +32,15 @@ log = logging.getLogger("proxy.app")
 def create_app(config: Config, gateway: Gateway | None = None) -> web.Application:
     app = web.Application(middlewares=[edge.openai_errors], client_max_size=1 << 40)
     app[GATEWAY] = gateway or Gateway(config)
+    # Paths whose unknown routes and wrong methods answer in another API's error shape.
+    app[edge.ERROR_SHAPES] = (("/v1/messages", messages.error_body), ("/messages", messages.error_body))
     cors.install(app)
     app.router.add_post("/v1/chat/completions", chat.chat_completions, expect_handler=edge.expect_continue)
     app.router.add_post("/chat/completions", chat.chat_completions, expect_handler=edge.expect_continue)
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/messages", messages.messages, expect_handler=edge.expect_continue)
+        app.router.add_post(f"{prefix}/messages/count_tokens", messages.count_tokens,
+                            expect_handler=edge.expect_continue)
     app.router.add_post("/v1/route", admin.route)
     app.router.add_post("/v1/feedback", admin.feedback)
     for prefix in ("/v1", ""):                  # the SDKs' base URL may or may not end in /v1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -21,6 +21,9 @@ from ..gateway import Gateway
 from ..streaming import ClientGone
 
 GATEWAY = web.AppKey("gateway", Gateway)
+ErrorShape = Callable[[int, str], bytes]      # (status, message) -> an API's error body
+# Path prefixes whose unknown routes, wrong methods and stray errors answer in their API's shape.
+ERROR_SHAPES = web.AppKey("error_shapes", tuple)
 SEND_TIMEOUT_S = 30.0           # for a whole answer to leave once it is ready, however slow the reader
 CLIENT_CLOSED = 499             # the status recorded when the client left before any answer
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -175,11 +178,22 @@ async def openai_errors(request: web.Request, handler: Any) -> web.StreamRespons
             status, reason = 404, "Not Found"   # only the CORS preflight route matched the path
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
         headers = {"Allow": exc.headers["Allow"]} if status == 405 and "Allow" in exc.headers else None
-        return web.Response(body=error_body(reason, "invalid_request_error", code), status=status,
-                            headers=headers, content_type="application/json")
+        shape = _shape(request)
+        body = error_body(reason, "invalid_request_error", code) if shape is None else shape(status, reason)
+        return web.Response(body=body, status=status, headers=headers, content_type="application/json")
     except (asyncio.CancelledError, ClientGone):
         raise
     except Exception:
         request.app.logger.exception("unhandled error", extra={"path": request.path})
-        return web.Response(body=error_body("internal gateway error", "server_error", "internal_error"),
-                            status=500, content_type="application/json")
+        shape = _shape(request)
+        body = error_body("internal gateway error", "server_error", "internal_error") if shape is None \
+            else shape(500, "internal gateway error")
+        return web.Response(body=body, status=500, content_type="application/json")
+
+
+def _shape(request: web.Request) -> ErrorShape | None:
+    """The error shape of the API whose path this is, or None for OpenAI's."""
+    for prefix, shape in request.app.get(ERROR_SHAPES, ()):
+        if request.path == prefix or request.path.startswith(prefix + "/"):
+            return shape
+    return None

@@ -25,6 +25,9 @@ Gemini mode `ANY`) or the `toolloop` part calls the tool even then.
 A 401 echoes the credential it was sent in its message, as some providers do, so tests
 can prove the gateway never passes a provider key on.
 
+Counting: Anthropic's `/v1/messages/count_tokens` and Gemini's `:countTokens` answer the
+prompt tokens the model's usage would report for the same request.
+
 A fault can also be set at run time with POST /_sim/faults {"model": m, "fault": f}
 (`"fault": null` clears it), which the breaker sequence test and `llm-proxy chaos` use.
 Every request and every connection the client dropped is recorded for tests to read.
@@ -225,6 +228,8 @@ class Seen:
     stream: bool
     disconnected_at: float | None = None
     completed: bool = False
+    raw: bytes = b""                    # the request body's bytes as they arrived
+    answer: bytearray = field(default_factory=bytearray)   # every byte of a 200 answer, as written
 
 
 class Simulator:
@@ -244,6 +249,7 @@ class Simulator:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/openai/v1/chat/completions", self._openai)
         app.router.add_post("/anthropic/v1/messages", self._anthropic)
+        app.router.add_post("/anthropic/v1/messages/count_tokens", self._anthropic_count)
         app.router.add_post(r"/gemini/v1beta/models/{target:[^/]+}", self._gemini)
         app.router.add_post("/_sim/faults", self._set_fault)
         app.router.add_get("/_sim/seen", self._seen)
@@ -258,7 +264,24 @@ class Simulator:
         return await self._serve("anthropic", request)
 
     async def _gemini(self, request: web.Request) -> web.StreamResponse:
+        if request.match_info["target"].endswith(":countTokens"):
+            payload = orjson.loads(await request.read())
+            inner = payload.get("generateContentRequest") or payload
+            return self._count("gemini", request, payload, inner, "totalTokens")
         return await self._serve("gemini", request)
+
+    async def _anthropic_count(self, request: web.Request) -> web.Response:
+        payload = orjson.loads(await request.read())
+        return self._count("anthropic", request, payload, {**payload, "max_tokens": 1}, "input_tokens")
+
+    def _count(self, protocol: str, request: web.Request, payload: dict[str, Any], readable: dict[str, Any],
+               field_name: str) -> web.Response:
+        """A provider's token count: the prompt tokens its answer's usage would report."""
+        ask = self.wires[protocol].read(request, readable)
+        if self.record:
+            self.seen.append(Seen(protocol, ask.model, request.path, payload, dict(request.headers.items()),
+                                  time.monotonic(), False, completed=True))
+        return web.json_response({field_name: max(1, len(ask.prompt_text) // 4)})
 
     async def _set_fault(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -279,10 +302,11 @@ class Simulator:
 
     async def _serve(self, protocol: str, request: web.Request) -> web.StreamResponse:
         wire = self.wires[protocol]
-        payload = orjson.loads(await request.read())
+        raw = await request.read()
+        payload = orjson.loads(raw)
         ask = wire.read(request, payload)
         seen = Seen(protocol, ask.model, request.path, payload,
-                    {k: v for k, v in request.headers.items()}, time.monotonic(), ask.stream)
+                    {k: v for k, v in request.headers.items()}, time.monotonic(), ask.stream, raw=raw)
         if self.record:
             self.seen.append(seen)
         name = ask.model + ("-" + self.faults[ask.model] if ask.model in self.faults else "")
@@ -308,7 +332,10 @@ class Simulator:
                 if behaviour.ttft_s:
                     await asyncio.sleep(behaviour.ttft_s + behaviour.gap_s * len(reply.pieces))
                 seen.completed = True
-                return web.Response(body=orjson.dumps(wire.complete(ask, reply)), content_type="application/json")
+                answer = orjson.dumps(wire.complete(ask, reply))
+                if self.record:
+                    seen.answer += answer
+                return web.Response(body=answer, content_type="application/json")
             return await self._stream(request, wire, ask, reply, behaviour, seen)
         except (asyncio.CancelledError, ConnectionError):
             seen.disconnected_at = time.monotonic()
@@ -332,16 +359,24 @@ class Simulator:
         frames = wire.frames(ask, reply)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
+
+        record = self.record
+
+        async def write(data: bytes) -> None:
+            if record:
+                seen.answer += data
+            await response.write(data)
+
         try:
             if frames.head:
-                await response.write(frames.head[0])
+                await write(frames.head[0])
             if behaviour.inband:
                 await asyncio.sleep(behaviour.ttft_s)
-                await response.write(wire.error_frame("overloaded", "simulated in-band error"))
+                await write(wire.error_frame("overloaded", "simulated in-band error"))
                 await response.write_eof()
                 return response
             if len(frames.head) > 1:
-                await response.write(b"".join(frames.head[1:]))
+                await write(b"".join(frames.head[1:]))
             for i, piece in enumerate(frames.body):
                 if i == behaviour.cut_after:
                     assert request.transport is not None
@@ -353,13 +388,13 @@ class Simulator:
                 if delay:
                     await asyncio.sleep(delay)
                 if i == behaviour.odd_at:
-                    await response.write(b'data: {"choices": [1], "delta": 7}\n\n')
+                    await write(b'data: {"choices": [1], "delta": 7}\n\n')
                 if behaviour.garbage and i == 1:
-                    await response.write(b"data: {this is not json\n\n")
-                await response.write(piece)
+                    await write(b"data: {this is not json\n\n")
+                await write(piece)
             if not frames.body and behaviour.ttft_s:
                 await asyncio.sleep(behaviour.ttft_s)
-            await response.write(b"".join(frames.tail + ([] if behaviour.nodone else frames.done)))
+            await write(b"".join(frames.tail + ([] if behaviour.nodone else frames.done)))
             await response.write_eof()
             seen.completed = True
         except (ConnectionError, asyncio.CancelledError):
