@@ -8,9 +8,11 @@ A map of the package, a line per room:
   server/       the HTTP layer: app (wiring, serving loop, signals, the drain), edge (body
                 decoding, request ids, JSON and SSE answers, error middleware), admin (route,
                 feedback, models, health, metrics), cors (browser clients), workers (--workers N)
-  inbound/      the client APIs, one module per surface: chat (chat completions); lifecycle
-                (the request path every surface shares: key, body, decode, route, dispatch,
-                encode, one decision record); routing (authenticate, read once, signals, plan)
+  inbound/      the client APIs, one module per surface: chat (chat completions), messages
+                (Anthropic Messages and count_tokens; messages_request checks and translates a
+                request, messages_answer encodes answers and streams); lifecycle (the request
+                path every surface shares: key, body, decode, route, dispatch, encode, one
+                decision record); routing (authenticate, read once, signals, plan)
   encoding      the Encoder contract: how a surface puts streams and answers on its wire
   gateway       the one app-scoped object: config snapshot, state, sessions, log, metrics
   config        providers.yaml + routes.yaml -> frozen dataclasses, errors with file and path
@@ -25,6 +27,7 @@ A map of the package, a line per room:
   errors        the error tree, FailureClass and the policy table
   transport     pooled upstream sessions and exception mapping
   sse           SSE framing: incremental parser and encoders
+  rawjson       pure: one top-level string spliced into raw JSON bytes (native passthrough)
   usage         normalised token usage and its cost
   decisions     one decision record per request and the JSON-lines log
   metrics       Prometheus metrics derived from decision records (handed what it reads)
