@@ -152,6 +152,7 @@ class ServerSettings:
     drain_timeout_s: float = 30.0
     body_timeout_s: float = 30.0                # a client must deliver its whole body in this time
     breaker: BreakerPolicy = BreakerPolicy()
+    responses_ttl_s: float = 86400.0            # how long a stored response can be retrieved or followed up
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +362,7 @@ def _server(node: Node) -> ServerSettings:
     m = node.mapping((
         "max_body_bytes", "max_messages", "max_attempts", "max_retry_wait_s", "request_timeout_s",
         "default_tier", "decision_log", "cors_origins", "drain_timeout_s", "body_timeout_s", "breaker",
+        "responses_ttl_s",
     ))
     d = ServerSettings()
     return ServerSettings(
@@ -375,6 +377,7 @@ def _server(node: Node) -> ServerSettings:
         drain_timeout_s=opt(m, "drain_timeout_s", Node.number, d.drain_timeout_s),
         body_timeout_s=opt(m, "body_timeout_s", lambda n: n.number(0.001), d.body_timeout_s),
         breaker=opt(m, "breaker", _breaker, d.breaker),
+        responses_ttl_s=opt(m, "responses_ttl_s", lambda n: n.number(1), d.responses_ttl_s),
     )
 
 

@@ -25,6 +25,7 @@ from .config import Config, GatewayKey
 from .decisions import CLIENT_DISCONNECTED, Decision, DecisionLog, Served, iso_time
 from .dispatch import Dispatcher
 from .errors import GatewayError, forbidden, unauthorized
+from .memos import MemoryMemos
 from .metrics import Metrics
 from .providers import Adapter, registry
 from .router import Router
@@ -82,13 +83,14 @@ class Gateway:
         self.decisions = DecisionLog(config.server.decision_log)
         self.metrics = Metrics(self.state, clock, self.decisions)
         self.recent: OrderedDict[str, Served] = OrderedDict()
+        self.memos = MemoryMemos(clock)     # what a Responses follow-up needs (previous_response_id)
         self.snapshot = self._build(config)
         self._longest_request_s = config.server.request_timeout_s   # how long an old snapshot may live on
         self.ready = False
         self.draining = False           # SIGTERM seen: /readyz answers 503
         self.cut_off = False            # the drain deadline passed: requests still running are ended
         self.keys_required = False      # serving beyond loopback with keys: a reload may not drop them
-        self.in_flight: set[asyncio.Task[object]] = set()    # chat requests, for the drain
+        self.in_flight: set[asyncio.Task[object]] = set()    # routed requests of every API, for the drain
 
     def _build(self, config: Config) -> Snapshot:
         dispatcher = Dispatcher(self.adapters, self.transport, self.state, config.server, clock=self.clock)
