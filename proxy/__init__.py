@@ -10,11 +10,14 @@ A map of the package, a line per room:
                 feedback, models, health, metrics), cors (browser clients), workers (--workers N)
   inbound/      the client APIs, one module per surface: chat (chat completions), messages
                 (Anthropic Messages and count_tokens; messages_request checks and translates a
-                request, messages_answer encodes answers and streams); lifecycle (the request
+                request, messages_answer encodes answers and streams), responses (OpenAI
+                Responses: handlers and stored state; responses_input decodes a request,
+                responses_output encodes answers and the event stream); lifecycle (the request
                 path every surface shares: key, body, decode, route, dispatch, encode, one
                 decision record); routing (authenticate, read once, signals, plan)
   encoding      the Encoder contract: how a surface puts streams and answers on its wire
   gateway       the one app-scoped object: config snapshot, state, sessions, log, metrics
+  memos         a small key-value store with a TTL (stored responses), until proxy/state/ serves it
   config        providers.yaml + routes.yaml -> frozen dataclasses, errors with file and path
   yaml_paths    YAML read with file + path locations, ConfigError, the strict loader
   checks        warnings of `llm-proxy check`

@@ -21,7 +21,7 @@ from aiohttp import web
 from .. import config as config_module
 from ..config import Config
 from ..gateway import Gateway
-from ..inbound import chat, messages
+from ..inbound import chat, messages, responses
 from . import admin, cors, edge
 from .edge import GATEWAY
 from .workers import FORWARDED, supervise
@@ -41,6 +41,9 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
         app.router.add_post(f"{prefix}/messages", messages.messages, expect_handler=edge.expect_continue)
         app.router.add_post(f"{prefix}/messages/count_tokens", messages.count_tokens,
                             expect_handler=edge.expect_continue)
+        app.router.add_post(f"{prefix}/responses", responses.create, expect_handler=edge.expect_continue)
+        app.router.add_get(prefix + "/responses/{id}", responses.retrieve)
+        app.router.add_delete(prefix + "/responses/{id}", responses.delete)
     app.router.add_post("/v1/route", admin.route)
     app.router.add_post("/v1/feedback", admin.feedback)
     for prefix in ("/v1", ""):                  # the SDKs' base URL may or may not end in /v1

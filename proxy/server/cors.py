@@ -14,7 +14,7 @@ from aiohttp import web
 from ..errors import error_body
 from .edge import GATEWAY
 
-ALLOW_METHODS = "GET, POST, OPTIONS"
+ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"      # DELETE: /v1/responses/{id}
 # What the OpenAI SDKs and the router's own headers need; a preflight's own list is added to it.
 ALLOW_HEADERS = ("Authorization", "Content-Type", "X-Task-Type", "X-User-Tier", "X-Max-Cost-USD",
                  "X-Latency-Class", "X-Region", "X-Request-Id")

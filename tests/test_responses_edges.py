@@ -1,0 +1,215 @@
+"""`/v1/responses` when things go wrong: failover before the commit, a cut after it, every
+refusal in OpenAI's error shape, and the stored state (key scope, store: false, delete, TTL).
+Each POST leaves one decision record naming the API."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from proxy.simulator import canonical_text
+from proxy.sse import SSEParser
+
+from .conftest import MakeGateway, RunningGateway, model_entry
+from .decision_log_support import settled_records
+
+WEB_KEY, BATCH_KEY = "gw-web-0123456789abcdef", "gw-batch-fedcba9876543210"
+ASK = {"model": "main", "input": "hello"}
+
+
+async def post(gw: RunningGateway, body: Any, key: str | None = None, raw: bytes | None = None,
+               headers: dict[str, str] | None = None) -> tuple[int, Mapping[str, str], bytes]:
+    headers = {**(headers or {}), **({"Authorization": f"Bearer {key}"} if key else {})}
+    async with aiohttp.ClientSession() as session, session.post(
+            gw.base + "/responses", data=raw if raw is not None else orjson.dumps(body),
+            headers={"Content-Type": "application/json", **headers}) as response:
+        return response.status, response.headers.copy(), await response.read()
+
+
+async def call(gw: RunningGateway, method: str, path: str, key: str | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as session, session.request(method, gw.base + path, headers=headers) as resp:
+        return resp.status, orjson.loads(await resp.read())
+
+
+def events(raw: bytes) -> list[dict[str, Any]]:
+    parsed = SSEParser().feed(raw)
+    out = [orjson.loads(e.data) for e in parsed]
+    assert [e.name for e in parsed] == [e["type"] for e in out]     # `event:` names the type
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    return out
+
+
+def openai_error(body: bytes) -> dict[str, Any]:
+    error = orjson.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return dict(error)
+
+
+@pytest.fixture
+async def logged(make_gateway: MakeGateway, tmp_path: Path) -> tuple[RunningGateway, Path]:
+    log = tmp_path / "decisions.jsonl"
+    models = {"flaky": model_entry("r-500"), "cut": model_entry("r-n8-cut3"), "ok": model_entry("r-n4"),
+              "limited": model_entry("r-429-ra0")}
+    routes = {"chains": {"main": ["flaky", "ok"], "cutting": ["cut"], "limits": ["limited"]}, "default": "main",
+              "server": {"decision_log": str(log)}}
+    return await make_gateway(models, routes), log
+
+
+async def test_failover_before_the_first_content_is_invisible(logged: tuple[RunningGateway, Path]) -> None:
+    gw, log = logged
+    status, headers, raw = await post(gw, {**ASK, "stream": True})
+    assert status == 200 and headers["X-Route-Model"] == "ok" and headers["X-Route-Attempts"] == "3"
+    stream = events(raw)
+    assert stream[0]["type"] == "response.created" and stream[-1]["type"] == "response.completed"
+    text = "".join(e["delta"] for e in stream if e["type"] == "response.output_text.delta")
+    assert text == "".join(canonical_text(4)) == stream[-1]["response"]["output"][0]["content"][0]["text"]
+    assert not any("fail" in e["type"] or "error" in e["type"] for e in stream)
+    status, headers, raw = await post(gw, ASK)
+    assert status == 200 and orjson.loads(raw)["output"][0]["content"][0]["text"] == text
+    records = await settled_records(gw.gateway, log, 2)
+    assert [(r["api"], r["outcome"], len(r["attempts"])) for r in records] == [("responses", "ok", 3)] * 2
+
+
+async def test_a_cut_after_the_first_content_ends_with_response_failed(logged: tuple[RunningGateway, Path]) -> None:
+    gw, log = logged
+    status, headers, raw = await post(gw, {**ASK, "model": "cutting", "stream": True})
+    assert status == 200
+    stream = events(raw)
+    kinds = [e["type"] for e in stream]
+    assert kinds[-1] == "response.failed" and "response.completed" not in kinds
+    assert kinds.count("response.output_text.delta") == 3
+    failed = stream[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
+    assert "upstream stream failed" in failed["error"]["message"]
+    assert failed["output"][0]["content"][0]["text"] == "".join(canonical_text(3))
+    assert failed["output"][0]["status"] == "incomplete"
+    [record] = await settled_records(gw.gateway, log, 1)
+    assert record["api"] == "responses" and record["outcome"] == "stream_error"
+    status, _ = await call(gw, "GET", f"/responses/{failed['id']}")
+    assert status == 404                                    # a failed response is not kept
+
+
+async def test_a_chain_that_continues_finishes_the_same_response(make_gateway: MakeGateway) -> None:
+    models = {"cut": model_entry("c-n8-cut3", capabilities=["prefill"]),
+              "rest": model_entry("c-n8", capabilities=["prefill"])}
+    gw = await make_gateway(models, {"chains": {"main": {"models": ["cut", "rest"], "on_stream_failure": "continue"}},
+                                     "default": "main"})
+    status, _, raw = await post(gw, {**ASK, "stream": True})
+    stream = events(raw)
+    assert stream[-1]["type"] == "response.completed"
+    assert [e["type"] for e in stream].count("response.output_item.added") == 1
+    assert stream[-1]["response"]["output"][0]["content"][0]["text"] == "".join(canonical_text(8))
+
+
+async def test_every_status_of_the_chat_path_in_openai_shape(make_gateway: MakeGateway, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEB_APP_KEY", WEB_KEY)
+    monkeypatch.setenv("BATCH_KEY", BATCH_KEY)
+    log = tmp_path / "decisions.jsonl"
+    models = {"ok": model_entry("e-n3"), "limited": model_entry("e-429-ra0"), "broken": model_entry("e-500"),
+              "silent": model_entry("e-hang")}
+    routes = {"chains": {"main": ["ok"], "limits": ["limited"], "down": ["broken"], "slow": ["silent"]},
+              "default": "main",
+              "keys": [{"name": "web", "key_env": "WEB_APP_KEY", "tier": "standard"},
+                       {"name": "batch", "key_env": "BATCH_KEY", "tier": "free", "allow": ["main"], "rpm": 2}],
+              "server": {"decision_log": str(log), "max_body_bytes": 2048}}
+    gw = await make_gateway(models, routes, timeouts={"connect_s": 1, "first_token_s": 0.3, "idle_s": 1,
+                                                     "total_s": 0.3})
+    expected = [
+        (await post(gw, ASK), 401, "invalid_api_key"),
+        (await post(gw, ASK, "gw-unknown"), 401, "invalid_api_key"),
+        (await post(gw, {**ASK, "model": "ok"}, BATCH_KEY), 403, "model_not_allowed"),
+        (await post(gw, ASK, BATCH_KEY), 200, None),
+        (await post(gw, ASK, BATCH_KEY), 429, "key_rate_limited"),
+        (await post(gw, {**ASK, "model": "nope"}, WEB_KEY), 404, "model_not_found"),
+        (await post(gw, {**ASK, "input": "x" * 4096}, WEB_KEY), 413, "request_too_large"),
+        (await post(gw, None, WEB_KEY, raw=b'{"model": "main", "input": '), 400, "invalid_json"),
+        (await post(gw, {**ASK, "model": "limits"}, WEB_KEY), 429, "rate_limited"),
+        (await post(gw, {**ASK, "model": "down", "stream": True}, WEB_KEY), 502, "upstream_failed"),
+        (await post(gw, {**ASK, "model": "slow"}, WEB_KEY), 504, "upstream_timeout"),
+        (await post(gw, ASK, WEB_KEY, headers={"X-Max-Cost-USD": "0.0000000001"}), 400, "no_candidate"),
+        (await post(gw, {**ASK, "previous_response_id": "resp_nope"}, WEB_KEY), 404,
+         "previous_response_not_found"),
+    ]
+    for (status, headers, body), want_status, want_code in expected:
+        assert status == want_status, body
+        assert "X-Request-Id" in headers
+        if want_code is not None:
+            assert openai_error(body)["code"] == want_code
+            assert WEB_KEY not in body.decode() and "sk-sim" not in body.decode()
+    assert expected[4][0][1]["Retry-After"]
+    records = await settled_records(gw.gateway, log, len(expected))
+    assert len(records) == len(expected) and {r["api"] for r in records} == {"responses"}
+    assert [r["status"] for r in records] == [status for _, status, _ in expected]
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "main"}, "input"),
+    ({"input": "hi"}, "model"),
+    ({**ASK, "stream": "yes"}, "stream"),
+    ({**ASK, "input": 42}, "input"),
+    ({**ASK, "input": [{"type": "message", "role": "robot", "content": "hi"}]}, "input[0].role"),
+    ({**ASK, "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
+     "input[0].content[0].type"),
+    ({**ASK, "input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+    ({**ASK, "input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+    ({**ASK, "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({**ASK, "tools": [{"type": "function"}]}, "tools[0].name"),
+    ({**ASK, "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    ({**ASK, "max_output_tokens": 0}, "max_output_tokens"),
+    ({**ASK, "background": True}, "background"),
+    ([ASK], None),
+])
+async def test_bad_input_is_400_naming_the_field(make_gateway: MakeGateway, body: Any, param: str | None) -> None:
+    gw = await make_gateway({"ok": model_entry("b-n3")}, {"chains": {"main": ["ok"]}, "default": "main"})
+    status, _, raw = await post(gw, body)
+    assert status == 400
+    error = openai_error(raw)
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+async def test_stored_responses_are_scoped_to_the_key(make_gateway: MakeGateway,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEB_APP_KEY", WEB_KEY)
+    monkeypatch.setenv("BATCH_KEY", BATCH_KEY)
+    gw = await make_gateway({"ok": model_entry("s-n3")}, {
+        "chains": {"main": ["ok"]}, "default": "main",
+        "keys": [{"name": "web", "key_env": "WEB_APP_KEY", "tier": "standard"},
+                 {"name": "batch", "key_env": "BATCH_KEY", "tier": "free"}]})
+    _, _, raw = await post(gw, ASK, WEB_KEY)
+    rid = orjson.loads(raw)["id"]
+    assert (await call(gw, "GET", f"/responses/{rid}", WEB_KEY))[1]["id"] == rid
+    assert (await call(gw, "GET", f"/responses/{rid}"))[0] == 401
+    status, body = await call(gw, "GET", f"/responses/{rid}", BATCH_KEY)
+    assert status == 404 and body["error"]["code"] == "response_not_found"
+    status, _, raw = await post(gw, {**ASK, "previous_response_id": rid}, BATCH_KEY)
+    assert status == 404 and openai_error(raw)["param"] == "previous_response_id"
+    assert (await call(gw, "DELETE", f"/responses/{rid}", BATCH_KEY))[0] == 404
+    assert (await call(gw, "DELETE", f"/responses/{rid}", WEB_KEY))[1] == {
+        "id": rid, "object": "response.deleted", "deleted": True}
+    assert (await call(gw, "GET", f"/responses/{rid}", WEB_KEY))[0] == 404
+    status, _, raw = await post(gw, {**ASK, "previous_response_id": rid}, WEB_KEY)
+    assert status == 404 and openai_error(raw)["code"] == "previous_response_not_found"
+
+
+async def test_store_false_keeps_nothing_and_entries_expire(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"ok": model_entry("t-n3")}, {"chains": {"main": ["ok"]}, "default": "main"})
+    _, _, raw = await post(gw, {**ASK, "store": False, "stream": True})
+    unstored = events(raw)[-1]["response"]
+    assert unstored["store"] is False
+    assert (await call(gw, "GET", f"/responses/{unstored['id']}"))[0] == 404
+    assert (await post(gw, {**ASK, "previous_response_id": unstored["id"]}))[0] == 404
+    _, _, raw = await post(gw, {**ASK, "stream": True})
+    kept = events(raw)[-1]["response"]
+    assert (await post(gw, {**ASK, "previous_response_id": kept["id"]}))[0] == 200
+    memos = gw.gateway.memos
+    real_clock = memos.clock
+    memos.clock = lambda: real_clock() + gw.gateway.snapshot.config.server.responses_ttl_s + 1
+    status, _, raw = await post(gw, {**ASK, "previous_response_id": kept["id"]})
+    assert status == 404 and "expired" in openai_error(raw)["message"]
