@@ -297,3 +297,38 @@ async def test_keys_as_x_api_key_or_bearer_and_the_sdks_own_errors(keyed: Runnin
     await api.close()
     records = await settled_records(keyed.gateway, Path(keyed.gateway.decisions.destination), 5)
     assert [r["api"] for r in records] == ["messages"] * 5
+
+
+async def test_what_claude_code_sends_is_accepted_on_every_protocol(client: Client, make_gateway: MakeGateway,
+                                                                    protocol: str, fleet: Fleet) -> None:
+    """The beta client with Claude Code's shape: ?beta=true, a list of betas, thinking,
+    context_management, metadata, a dozen tools, a signed thinking block and a tool loop in
+    the history, its session header; streamed."""
+    gw = await gateway(make_gateway, protocol, "cc-n4", aliases={"claude-opus-5-5": "main"})
+    tools = [{"name": f"Tool{i}", "description": f"tool {i}", "input_schema": {
+        "type": "object", "properties": {"path": {"type": "string"}, "limit": {"type": "integer"}},
+        "required": ["path"], "additionalProperties": False, "$schema": "http://json-schema.org/draft-07/schema#"}}
+        for i in range(12)]
+    history = [
+        {"role": "user", "content": [{"type": "text", "text": "Read it.", "cache_control": {"type": "ephemeral"}}]},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "Use Tool0.", "signature": "Eq0Bsig=="},
+                                          {"type": "tool_use", "id": "toolu_01X", "name": "Tool0",
+                                           "input": {"path": "a.py"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01X", "content": "print(1)"}]}]
+    api = client(gw)
+    async with api.beta.messages.stream(
+            model="claude-opus-5-5", max_tokens=2048, messages=history, tools=tools,  # type: ignore[arg-type]
+            system=[{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+            thinking={"type": "enabled", "budget_tokens": 1024}, metadata={"user_id": "user_abc_session_1"},
+            context_management={"edits": [{"type": "clear_tool_uses_20250919"}]},
+            betas=["claude-code-20250219", "interleaved-thinking-2025-05-14", "context-management-2025-06-27"],
+            extra_headers={"x-claude-code-session-id": "5f1c"}) as stream:
+        final = await stream.get_final_message()
+    assert final.stop_reason == "end_turn"
+    assert final.content[-1].text == "".join(canonical_text(4))  # type: ignore[union-attr]
+    seen = fleet.sim.requests_for("cc-n4")[-1]
+    if protocol == "anthropic":
+        assert seen.body["context_management"] and seen.body["thinking"] and len(seen.body["tools"]) == 12
+        assert "context-management-2025-06-27" in seen.headers["anthropic-beta"]
+    else:
+        assert "thinking" not in orjson.dumps(seen.body).decode()
