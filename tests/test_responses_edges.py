@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from openai import APIError, AsyncOpenAI
 
 from proxy.simulator import canonical_text
 from proxy.sse import SSEParser
@@ -82,8 +83,9 @@ async def test_a_cut_after_the_first_content_ends_with_response_failed(logged: t
     assert status == 200
     stream = events(raw)
     kinds = [e["type"] for e in stream]
-    assert kinds[-1] == "response.failed" and "response.completed" not in kinds
+    assert kinds[-2:] == ["error", "response.failed"] and "response.completed" not in kinds
     assert kinds.count("response.output_text.delta") == 3
+    assert stream[-2]["error"]["code"] == stream[-2]["code"] == "stream_protocol"
     failed = stream[-1]["response"]
     assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
     assert "upstream stream failed" in failed["error"]["message"]
@@ -93,6 +95,14 @@ async def test_a_cut_after_the_first_content_ends_with_response_failed(logged: t
     assert record["api"] == "responses" and record["outcome"] == "stream_error"
     status, _ = await call(gw, "GET", f"/responses/{failed['id']}")
     assert status == 404                                    # a failed response is not kept
+    client = AsyncOpenAI(base_url=gw.base, api_key="unused", max_retries=0)
+    seen: list[str] = []
+    with pytest.raises(APIError, match="upstream stream failed"):     # the SDK raises, never a quiet end
+        async with client.responses.stream(model="cutting", input="hello") as sdk_stream:
+            async for event in sdk_stream:
+                seen.append(event.type)
+    await client.close()
+    assert seen.count("response.output_text.delta") == 3 and "response.completed" not in seen
 
 
 async def test_a_chain_that_continues_finishes_the_same_response(make_gateway: MakeGateway) -> None:

@@ -18,8 +18,11 @@ payloads become the Responses event lifecycle, every event numbered by
 
 The final response of a stream is built by the same code as a plain answer, so a
 client's accumulated stream equals the non-streamed response but for ids. A failure
-after the commit ends the stream with `response.failed` (status `failed`, `error`, the
-output so far) and never with a silent close; nothing follows it.
+after the commit ends the stream, as OpenAI's own do, with an `error` event and then
+`response.failed` (status `failed`, `error`, the output so far); never with a silent
+close. The `error` event carries its fields both inside `error` (what OpenAI sends, and
+what the Vercel AI SDK reads) and at the top level (the shape in OpenAI's API spec); the
+`openai` SDKs raise an APIError on it.
 
 Before the final bytes leave, `remember` (when the request is stored) keeps what a
 follow-up needs, so a client that sends `previous_response_id` the instant it sees the
@@ -301,7 +304,9 @@ class ResponsesEncoder:
             self._start(out)
         if self.open is not None:
             self.open["status"] = "incomplete"
-        error = {"code": "server_error", "message": message}
+        detail = {"type": type_, "code": code or "server_error", "message": message, "param": None}
+        out.append(self._event("error", {**detail, "error": detail}))
+        failed = {"code": "server_error", "message": message}
         out.append(self._event("response.failed", {
-            "response": self.shape.render(self.model, "failed", self.output, self.usage, error=error)}))
+            "response": self.shape.render(self.model, "failed", self.output, self.usage, error=failed)}))
         return b"".join(out)
