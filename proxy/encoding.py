@@ -28,7 +28,8 @@ A plain request gets one call, `answer(body, native)`: the upstream's answer as 
 Native passthrough. A surface may name one upstream protocol as `native` (the Anthropic
 Messages surface names `anthropic`). When the deployment serving an attempt speaks it and
 the adapter can build a native request (`NativeAdapter.build_native`), dispatch sends the
-client's own body with only `model` replaced, and the answer passes through untouched:
+client's own body with only `model` replaced (and the client's protocol headers the surface
+picks, `Call.native_headers`), and the answer passes through untouched:
 for a stream, each upstream event is written as it arrived (`event:`/`data:` framing, the
 encoder's `chunk` is not called), while the adapter's translator still reads every event
 so the commit point, the finish, usage and cost work exactly as for a translated stream;
