@@ -242,9 +242,11 @@ async def keyed(make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setenv("MESSAGES_KEY", KEY)
     monkeypatch.setenv("OTHER_KEY", KEY + "-other")
     models = {"claude": model_entry("ok-n3", "sim-anthropic"), "gpt": model_entry("ok-n3", "sim-openai"),
-              "down": model_entry("down-500", "sim-openai"), "slow": model_entry("slow-ttft3000", "sim-openai")}
+              "down": model_entry("down-500", "sim-openai"), "slow": model_entry("slow-ttft3000", "sim-openai"),
+              "busy": model_entry("busy-429-ra30", "sim-anthropic")}
     return await make_gateway(models, {
-        "chains": {"main": ["claude", "gpt"], "broken": ["down"], "stalled": ["slow"]}, "default": "main",
+        "chains": {"main": ["claude", "gpt"], "broken": ["down"], "stalled": ["slow"], "limited": ["busy"]},
+        "default": "main",
         "keys": [{"name": "coder", "key_env": "MESSAGES_KEY", "tier": "standard", "rpm": 30},
                  {"name": "narrow", "key_env": "OTHER_KEY", "tier": "standard", "allow": ["gpt"]}],
         "server": {"max_body_bytes": 4096, "decision_log": str(tmp_path / "decisions.jsonl")}})
@@ -267,6 +269,7 @@ GOOD = {"model": "main", "max_tokens": 16, "messages": ASK}
     ("/v1/messages", {"x-api-key": KEY}, {**GOOD, "system": "x" * 5000}, 413, "request_too_large"),
     ("/v1/messages/batches", {"x-api-key": KEY}, GOOD, 404, "not_found_error"),
     ("/v1/messages", {"x-api-key": KEY}, {**GOOD, "model": "broken"}, 502, "api_error"),
+    ("/v1/messages", {"x-api-key": KEY}, {**GOOD, "model": "limited"}, 429, "rate_limit_error"),
     ("/v1/messages", {"x-api-key": KEY}, {**GOOD, "model": "stalled", "stream": True}, 504, "timeout_error"),
 ])
 async def test_errors_in_anthropics_shape(keyed: RunningGateway, path: str, headers: dict[str, str], body: Any,
@@ -277,6 +280,8 @@ async def test_errors_in_anthropics_shape(keyed: RunningGateway, path: str, head
                          ) as response:
         answer = await response.json(content_type=None)
     assert response.status == status
+    if status == 429:
+        assert int(response.headers["Retry-After"]) > 0
     assert answer["type"] == "error" and answer["error"]["type"] == kind and answer["error"]["message"]
     assert set(answer) <= {"type", "error", "request_id"}
     assert KEY not in json.dumps(answer)

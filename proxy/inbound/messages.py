@@ -123,14 +123,13 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
         gateway.finish(decision)
 
 
-def _count_request(deployment: Deployment, raw: bytes, chat: dict[str, Any], headers: Mapping[str, str]
-                   ) -> UpstreamRequest | None:
+def _count_request(adapter: Any, deployment: Deployment, raw: bytes, chat: dict[str, Any],
+                   headers: Mapping[str, str]) -> UpstreamRequest | None:
     """The provider's own counting request, or None where its protocol has none (OpenAI chat)."""
     provider = deployment.provider
-    if provider.api == "anthropic":
+    if isinstance(adapter, AnthropicAdapter):
         forward = {name: headers[name] for name in FORWARDED_HEADERS if headers.get(name)}
-        native = AnthropicAdapter().build_native(deployment, raw, False, forward, "/messages/count_tokens")
-        return native
+        return adapter.build_native(deployment, raw, False, forward, "/messages/count_tokens")
     if provider.api == "gemini":
         payload = gemini_payload(chat)
         payload.pop("generationConfig", None)
@@ -146,13 +145,13 @@ def _count_request(deployment: Deployment, raw: bytes, chat: dict[str, Any], hea
 async def _provider_count(gateway: Gateway, deployment: Deployment, raw: bytes, chat: dict[str, Any],
                           headers: Mapping[str, str], decision: Decision) -> int | None:
     """The provider's count, or None (no counting endpoint, or the call failed: the record says why)."""
+    adapter = gateway.adapters[deployment.provider.api]
     try:
-        request = _count_request(deployment, raw, chat, headers)
+        request = _count_request(adapter, deployment, raw, chat, headers)
     except Exception:           # a body the provider's request cannot be built from: estimate
         return None
     if request is None:
         return None
-    adapter = gateway.adapters[deployment.provider.api]
     record = AttemptRecord(decision.served_model or "", deployment.id, deployment.provider.name, gateway.clock())
     decision.attempts.append(record)
     headers_received = False
