@@ -1,9 +1,17 @@
 """Circuit breaker per deployment: closed -> open -> half-open -> closed.
 
 Opens after `consecutive` failures in a row, or when at least `min_calls` calls in the
-last `window_s` seconds failed at `ratio` or more. The open interval is `Retry-After`
-when the provider gave one, otherwise `open_s`, doubling on each failed probe up to
-`max_open_s`. Half-open admits `probes` requests at a time; one success closes it.
+last `window_s` seconds failed at `ratio` or more. Half-open admits `probes` requests at
+a time; one success closes it.
+
+The recovery schedule is the policy's few numbers, so every state backend (memory,
+Redis) applies the same one. The open interval is the provider's `Retry-After` when the
+failure gave one (capped at `max_open_s`); otherwise `open_s`, doubling after each failed
+probe up to `max_backoff_s`, a low cap so that the delay between a provider's recovery
+and its next probe stays small however long the outage was. A failure that kept its
+request waiting (`cost_s`, a silent route's `first_token_s`) opens the breaker for at
+least `cost_factor` times that, so a probe's cost to the request that carries it stays a
+bounded share of the time. No interval or hold is ever longer than `max_open_s`.
 
 Time is always a parameter (an injected clock), so tests are exact. No I/O, no imports
 from the package.
@@ -24,8 +32,10 @@ class BreakerPolicy:
     ratio: float = 0.5
     min_calls: int = 10
     window_s: float = 30.0
-    open_s: float = 10.0
-    max_open_s: float = 300.0
+    open_s: float = 1.0             # the first open interval
+    max_backoff_s: float = 2.0      # a failed probe doubles the interval up to this
+    cost_factor: float = 4.0        # an interval is at least this times what the failure cost its request
+    max_open_s: float = 300.0       # no interval or hold is longer, whatever a Retry-After says
     probes: int = 1
 
 
@@ -81,14 +91,17 @@ class CircuitBreaker:
             self._open_s = self.policy.open_s
             self._probing = 0
 
-    def record_failure(self, now: float, open_for: float | None = None) -> None:
+    def record_failure(self, now: float, open_for: float | None = None, cost_s: float = 0.0) -> None:
+        """A failed call. `open_for` is the provider's Retry-After, if it gave one; `cost_s` is
+        how long the failure kept its request waiting before it could fall over."""
         self._recent.append((now, False))
         self._streak += 1
-        if self.state == HALF_OPEN:
-            self._open_s = min(self._open_s * 2, self.policy.max_open_s)
-            self.trip(now, open_for if open_for is not None else self._open_s)
-        elif self._streak >= self.policy.consecutive or self._ratio_exceeded(now):
-            self.trip(now, open_for if open_for is not None else self._open_s)
+        policy = self.policy
+        if self.state == HALF_OPEN:         # a failed probe: back off, but never past the low cap
+            self._open_s = min(self._open_s * 2, max(policy.max_backoff_s, policy.open_s))
+        elif self._streak < policy.consecutive and not self._ratio_exceeded(now):
+            return
+        self.trip(now, open_for if open_for is not None else max(self._open_s, policy.cost_factor * cost_s))
 
     def release_probe(self) -> None:
         """A probe ended without a verdict (for example the client went away)."""

@@ -338,7 +338,8 @@ def _key(node: Node, env: Mapping[str, str]) -> GatewayKey | None:
 
 
 def _breaker(node: Node) -> BreakerPolicy:
-    m = node.mapping(("consecutive", "ratio", "min_calls", "window_s", "open_s", "max_open_s", "probes"))
+    m = node.mapping(("consecutive", "ratio", "min_calls", "window_s", "open_s", "max_backoff_s", "cost_factor",
+                      "max_open_s", "probes"))
     d = BreakerPolicy()
     ratio = opt(m, "ratio", Node.number, d.ratio)
     if not 0 < ratio <= 1:
@@ -347,12 +348,18 @@ def _breaker(node: Node) -> BreakerPolicy:
     max_open_s = opt(m, "max_open_s", lambda n: n.number(0.001), max(d.max_open_s, open_s))
     if max_open_s < open_s:
         raise m["max_open_s"].error("must be >= open_s")
+    # Unset, the backoff cap follows the interval bounds it sits between.
+    max_backoff_s = opt(m, "max_backoff_s", lambda n: n.number(0.001), min(max(d.max_backoff_s, open_s), max_open_s))
+    if not open_s <= max_backoff_s <= max_open_s:
+        raise m["max_backoff_s"].error("must be >= open_s and <= max_open_s")
     return BreakerPolicy(
         consecutive=opt(m, "consecutive", lambda n: n.integer(1), d.consecutive),
         ratio=ratio,
         min_calls=opt(m, "min_calls", lambda n: n.integer(1), d.min_calls),
         window_s=opt(m, "window_s", lambda n: n.number(0.001), d.window_s),
         open_s=open_s,
+        max_backoff_s=max_backoff_s,
+        cost_factor=opt(m, "cost_factor", Node.number, d.cost_factor),
         max_open_s=max_open_s,
         probes=opt(m, "probes", lambda n: n.integer(1), d.probes),
     )

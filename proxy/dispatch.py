@@ -34,6 +34,7 @@ import aiohttp
 import orjson
 
 from .balancer import Balancer, Refusal, Reservation, reservation_tokens
+from .breaker import OPEN
 from .config import Chain, Deployment, ServerSettings
 from .decisions import CLIENT_DISCONNECTED, AttemptRecord, Decision
 from .encoding import CHAT, Encoder
@@ -164,8 +165,10 @@ class Dispatcher:
                     last_caller = failure
                     break
                 wait = self._retry_wait(failure, ex.deadline)
+                # A failure that opened the breaker (a failed probe, say) is not retried: the
+                # breaker would refuse the retry after its wait, so fall over at once.
                 if policy.retry_same and choice.deployment.id not in retried and wait is not None \
-                        and budget > later:
+                        and budget > later and self.state.breaker(choice.deployment.id).state != OPEN:
                     retried.add(choice.deployment.id)
                     pinned = choice.deployment
                     await self.sleep(wait)
@@ -280,6 +283,7 @@ class Dispatcher:
         used_tokens: int | None = None
         verdict: str | None = None          # "ok" | "fail" | None (no verdict: client left)
         failure_hold: float | None = None   # a Retry-After that came with a failure: the open interval
+        failure_cost = 0.0                  # how long a failure before the commit kept the request waiting
         try:
             if ex.decision.overhead_ms is None:
                 ex.decision.overhead_ms = round((self.clock() - ex.decision.started) * 1000, 3)
@@ -300,6 +304,7 @@ class Dispatcher:
         except UpstreamFailure as failure:
             verdict = "fail" if POLICY[failure.kind].breaker else None
             failure_hold = failure.retry_after
+            failure_cost = self.clock() - record.started
             used_tokens = 0                 # refused before any output: nothing was spent
             self._failed(record, failure, deployment)
             if failure.kind is FailureClass.AUTH:
@@ -320,7 +325,7 @@ class Dispatcher:
             if verdict == "ok":
                 breaker.record_success(now)
             elif verdict == "fail":
-                breaker.record_failure(now, failure_hold)
+                breaker.record_failure(now, failure_hold, failure_cost)
             elif reservation.probe:
                 breaker.release_probe()     # a probe that ended without a verdict frees its slot
             self.balancer.settle(reservation, used_tokens, now)

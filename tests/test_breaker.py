@@ -16,7 +16,8 @@ from proxy.config import ConfigError
 from .conftest import Fleet, MakeGateway, model_entry
 from .streams import stream_chat
 
-POLICY = BreakerPolicy(consecutive=3, ratio=0.5, min_calls=6, window_s=10.0, open_s=2.0, max_open_s=8.0, probes=2)
+POLICY = BreakerPolicy(consecutive=3, ratio=0.5, min_calls=6, window_s=10.0, open_s=2.0, max_backoff_s=8.0,
+                       max_open_s=60.0, probes=2)
 
 
 def test_opens_after_consecutive_failures_and_not_before() -> None:
@@ -79,7 +80,7 @@ def test_half_open_admits_a_bounded_number_of_probes_and_success_closes() -> Non
     assert b.state == CLOSED and b.allows(2.5) and b.allows(2.5) and b.allows(2.5)
 
 
-def test_a_failed_probe_reopens_for_twice_as_long_up_to_the_maximum() -> None:
+def test_a_failed_probe_reopens_for_twice_as_long_up_to_the_backoff_cap() -> None:
     b = CircuitBreaker(POLICY)
     for _ in range(3):
         b.record_failure(0.0)
@@ -93,6 +94,48 @@ def test_a_failed_probe_reopens_for_twice_as_long_up_to_the_maximum() -> None:
     for _ in range(3):
         b.record_failure(100.0)
     assert b.open_until == pytest.approx(102.0)      # closing reset the interval
+
+
+def test_a_costly_failure_opens_for_a_multiple_of_its_cost() -> None:
+    b = CircuitBreaker(BreakerPolicy(consecutive=2, open_s=1.0, max_backoff_s=2.0, cost_factor=4.0, max_open_s=100.0))
+    b.record_failure(15.0, cost_s=15.0)               # a silent route: the request waited first_token_s
+    b.record_failure(30.0, cost_s=15.0)
+    assert b.state == OPEN and b.open_until == pytest.approx(90.0)
+    assert b.allows(90.0)
+    b.record_failure(105.0, cost_s=15.0)              # the probe was silent too: as costly again
+    assert b.open_until == pytest.approx(165.0)
+    assert b.allows(165.0)
+    b.record_failure(165.05, cost_s=0.05)             # a fast failure: back to the low cap
+    assert b.open_until == pytest.approx(167.05)
+    assert b.allows(167.05)
+    b.record_failure(170.0, cost_s=60.0)              # never longer than max_open_s
+    assert b.open_until == pytest.approx(270.0)
+    assert b.allows(270.0)
+    b.record_failure(270.0, open_for=7.0, cost_s=3.0)     # the provider's Retry-After is taken as given
+    assert b.open_until == pytest.approx(277.0)
+
+
+@pytest.mark.parametrize(("outage_s", "gap_s", "bound_s"), [(6.0, 1.2, 2.4), (60.0, 4.0, 4.0), (3600.0, 4.0, 4.0),
+                                                          (3600.0, 0.25, 2.25)])
+def test_the_default_schedule_returns_soon_after_any_outage_at_any_phase(outage_s: float, gap_s: float,
+                                                                         bound_s: float) -> None:
+    """The timing argued in the README, exact: the shipped policy, requests every `gap_s` at
+    every phase, each failing fast (a 503 in 20 ms, retried once while the breaker is closed):
+    the first request admitted after the recovery comes at most `bound_s` after it."""
+    policy = BreakerPolicy()
+    for step in range(40):
+        b = CircuitBreaker(policy)
+        t = gap_s * step / 40                           # the first request's phase
+        while True:
+            if b.allows(t):
+                if t >= outage_s:
+                    assert t - outage_s <= bound_s + 1e-9, (step, t)
+                    break
+                closed = b.state == CLOSED
+                b.record_failure(t + 0.02, cost_s=0.02)
+                if closed and b.state == CLOSED:        # dispatch retries the same deployment once
+                    b.record_failure(t + 0.1, cost_s=0.02)
+            t += gap_s
 
 
 def test_forced_probe_is_bounded_too() -> None:
@@ -113,10 +156,17 @@ def test_breaker_policy_is_read_from_routes_yaml(tmp_path, fleet: Fleet) -> None
     p, r = write_config(tmp_path, fleet, {"m": model_entry("m-n5")}, routes)
     policy = config_module.load(p, r, {}).server.breaker
     assert (policy.consecutive, policy.open_s, policy.max_open_s, policy.probes) == (2, 0.5, 1.0, 3)
-    routes["server"]["breaker"] = {"ratio": 1.5}
+    assert policy.max_backoff_s == 1.0               # unset: the default cap, within open_s..max_open_s
+    routes["server"]["breaker"] = {"open_s": 3, "max_backoff_s": 30, "cost_factor": 0}
     p, r = write_config(tmp_path, fleet, {"m": model_entry("m-n5")}, routes)
-    with pytest.raises(ConfigError, match=r"server\.breaker\.ratio"):
-        config_module.load(p, r, {})
+    policy = config_module.load(p, r, {}).server.breaker
+    assert (policy.open_s, policy.max_backoff_s, policy.cost_factor, policy.max_open_s) == (3.0, 30.0, 0.0, 300.0)
+    for bad, field in (({"ratio": 1.5}, "ratio"), ({"open_s": 5, "max_backoff_s": 2}, "max_backoff_s"),
+                       ({"max_backoff_s": 400}, "max_backoff_s"), ({"cost_factor": -1}, "cost_factor")):
+        routes["server"]["breaker"] = bad
+        p, r = write_config(tmp_path, fleet, {"m": model_entry("m-n5")}, routes)
+        with pytest.raises(ConfigError, match=rf"server\.breaker\.{field}"):
+            config_module.load(p, r, {})
 
 
 async def test_traffic_moves_to_the_fallback_and_returns_after_recovery(fleet: Fleet,
@@ -177,3 +227,4 @@ async def test_every_breaker_open_probes_the_one_open_longest(fleet: Fleet, make
     assert [seen.model for seen in fleet.sim.seen[before:]] == ["b-n4"]
     assert gw.gateway.state.breaker("b/sim-openai/0").state == CLOSED
     assert gw.gateway.state.breaker("a/sim-openai/0").state == OPEN
+

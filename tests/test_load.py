@@ -106,7 +106,7 @@ async def test_two_thousand_streams_through_faults_end_complete_or_clean(fleet: 
     # Second half: tight breakers with a short open interval, so faulty models are taken out,
     # probed, and taken out again while traffic flows.
     phases = (BreakerPolicy(consecutive=10**6, min_calls=10**6),
-              BreakerPolicy(consecutive=3, open_s=0.1, max_open_s=0.3))
+              BreakerPolicy(consecutive=3, open_s=0.1, max_backoff_s=0.3))
     started = time.monotonic()
     async with aiohttp.ClientSession() as s:
         async with asyncio.timeout(TIME_LIMIT_S):
