@@ -228,3 +228,58 @@ async def test_every_breaker_open_probes_the_one_open_longest(fleet: Fleet, make
     assert gw.gateway.state.breaker("b/sim-openai/0").state == CLOSED
     assert gw.gateway.state.breaker("a/sim-openai/0").state == OPEN
 
+
+async def outage_sequence(s: aiohttp.ClientSession, base: str, faults: str, primary: str, outage_s: float,
+                          requests: int, gap_s: float) -> tuple[list[tuple[float, float, Any]], float]:
+    """The primary answers 503 for `outage_s`, then recovers; `requests` streamed requests
+    `gap_s` apart, the first at half a gap so the recovery falls between two of them.
+    Returns (sent, answered, answer) per request, times relative to the recovery."""
+    loop = asyncio.get_running_loop()
+    async with s.post(faults, json={"model": primary, "fault": "503"}):
+        pass
+    start = loop.time()
+
+    async def recover() -> float:
+        await asyncio.sleep(outage_s)
+        async with s.post(faults, json={"model": primary, "fault": None}):
+            return loop.time()
+
+    recovery = asyncio.create_task(recover())
+    sent: list[tuple[float, float, Any]] = []
+    for i in range(requests):
+        await asyncio.sleep(max(0.0, start + gap_s / 2 + i * gap_s - loop.time()))
+        at = loop.time()
+        answer = await stream_chat(s, base, "main")
+        sent.append((at, loop.time(), answer))
+    recovered = await recovery
+    return [(at - recovered, done - recovered, answer) for at, done, answer in sent], recovered - start
+
+
+async def test_the_primary_serves_again_soon_after_a_short_and_a_long_outage(
+        fleet: Fleet, make_gateway: MakeGateway) -> None:
+    """Issue 13, with the shipped breaker settings: 6 s of 503s and 10 requests 1.2 s apart,
+    the primary serves within 3 s of its recovery; 60 s and 20 requests 4 s apart, within
+    10 s. Both run at once (about 80 s, the suite's one long test), bounded by a timeout."""
+    faults = f"http://127.0.0.1:{fleet.port}/_sim/faults"
+    cases = {"short": (6.0, 10, 1.2, 3.0), "long": (60.0, 20, 4.0, 10.0)}
+    gateways = {name: await make_gateway({"primary": model_entry(f"{name}primary-n4"),
+                                          "backup": model_entry(f"{name}backup-n4")},
+                                         {"chains": {"main": ["primary", "backup"]}, "default": "main"})
+                for name in cases}
+    async with aiohttp.ClientSession() as s, asyncio.timeout(100):
+        runs = await asyncio.gather(*(outage_sequence(s, gateways[name].base, faults, f"{name}primary-n4", outage,
+                                                      count, gap) for name, (outage, count, gap, _) in cases.items()))
+    for (name, (_, count, gap, within)), (answers, outage_took) in zip(cases.items(), runs, strict=True):
+        served = [a.headers.get("X-Route-Model") for _, _, a in answers]
+        assert all(a.complete for _, _, a in answers), (name, [a.describe() for _, _, a in answers])
+        during = [i for i, (at, _, _) in enumerate(answers) if at < 0]
+        assert served[:len(during)] == ["backup"] * len(during), (name, served)
+        back = next((i for i, model in enumerate(served) if model == "primary"), None)
+        assert back is not None, (name, "the primary never served again", served)
+        assert served[back:] == ["primary"] * (count - back), (name, served)
+        assert answers[back][1] <= within, (name, answers[back][:2], served)      # answered within the bound
+        # The breaker did open, and a failed probe is one fast failure: no retry after it.
+        failed = len(fleet.sim.requests_for(f"{name}primary-n4")) - (count - back)
+        assert failed <= len(during) + 3, (name, failed, len(during))
+        print(f"\n{name} outage ({outage_took:.1f}s, a request every {gap:g}s): primary served again "
+              f"{answers[back][1]:.2f}s after its recovery; {failed} failed primary calls in {len(during)} requests")
