@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .breaker import BreakerPolicy
+from .sse import MAX_EVENT_BYTES
 from .yaml_paths import ConfigError as ConfigError  # re-exported: the error every config user catches
 from .yaml_paths import Node, load_yaml, opt
 
@@ -151,6 +152,8 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()
     drain_timeout_s: float = 30.0
     body_timeout_s: float = 30.0                # a client must deliver its whole body in this time
+    max_upstream_body_bytes: int = 64 * 1024 * 1024     # a non-streamed upstream answer
+    max_upstream_event_bytes: int = MAX_EVENT_BYTES     # one event of an upstream stream
     breaker: BreakerPolicy = BreakerPolicy()
     responses_ttl_s: float = 86400.0            # how long a stored response can be retrieved or followed up
 
@@ -370,6 +373,7 @@ def _server(node: Node) -> ServerSettings:
         "max_body_bytes", "max_messages", "max_attempts", "max_retry_wait_s", "request_timeout_s",
         "default_tier", "decision_log", "cors_origins", "drain_timeout_s", "body_timeout_s", "breaker",
         "responses_ttl_s",
+        "max_upstream_body_bytes", "max_upstream_event_bytes",
     ))
     d = ServerSettings()
     return ServerSettings(
@@ -385,6 +389,10 @@ def _server(node: Node) -> ServerSettings:
         body_timeout_s=opt(m, "body_timeout_s", lambda n: n.number(0.001), d.body_timeout_s),
         breaker=opt(m, "breaker", _breaker, d.breaker),
         responses_ttl_s=opt(m, "responses_ttl_s", lambda n: n.number(1), d.responses_ttl_s),
+        max_upstream_body_bytes=opt(m, "max_upstream_body_bytes", lambda n: n.integer(1024),
+                                    d.max_upstream_body_bytes),
+        max_upstream_event_bytes=opt(m, "max_upstream_event_bytes", lambda n: n.integer(1024),
+                                     d.max_upstream_event_bytes),
     )
 
 

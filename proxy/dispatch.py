@@ -43,7 +43,7 @@ from .providers import Adapter, NativeAdapter, UpstreamRequest
 from .router import Candidate, Plan
 from .signals import Signals
 from .streaming import ClientGone, ClientStream, StreamBroken, stream_attempt
-from .transport import Transport, classify, failure_from_exception, read_error_body, unreadable
+from .transport import Transport, classify, failure_from_exception, read_answer, read_error_body, unreadable
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -371,7 +371,7 @@ class Dispatcher:
                     headers_received = True
                     if response.status != 200:
                         raise classify(adapter, response.status, response.headers, await read_error_body(response))
-                    payload = await response.read()
+                    payload = await read_answer(response, self.settings.max_upstream_body_bytes)
                     record.ttfb_s = self.clock() - record.started
         except (TimeoutError, aiohttp.ClientError, ConnectionError) as exc:
             raise failure_from_exception(exc, headers_received) from None
@@ -399,7 +399,7 @@ class Dispatcher:
         return await stream_attempt(
             lambda: self.transport.send(deployment.provider, request), adapter, translator, timeouts,
             min(self.clock() + timeouts.total_s, ex.deadline), record, client, commit, prefill, self.clock,
-            ex.encoder, request.native)
+            ex.encoder, request.native, self.settings.max_upstream_event_bytes)
 
     async def _end_with_error(self, ex: Exchange, client: ClientStream | None, failure: UpstreamFailure) -> None:
         """After the commit the only honest end is the surface's error event, never a clean close."""

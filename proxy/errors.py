@@ -56,13 +56,17 @@ POLICY: dict[FailureClass, Policy] = {
 # and any bearer token. Exact occurrences of the configured key are removed first.
 _CREDENTIAL = re.compile(r"(?i)\b(?:sk|pk|rk)-[A-Za-z0-9_\-]{8,}|\bAIza[0-9A-Za-z_\-]{20,}|\bbearer\s+[^\s\"',]+")
 REDACTED = "[redacted]"
+MAX_MESSAGE_CHARS = 500         # an upstream's reason as a record or a client gets it
 
 
 def redact(message: str, secret: str | None) -> str:
-    """`message` without the provider key or anything shaped like a credential."""
+    """`message` without the provider key or anything shaped like a credential, then cut to
+    MAX_MESSAGE_CHARS. In that order: a cut first could split an echoed key, and the part
+    left would match neither the key nor a credential's shape."""
     if secret and secret in message:
         message = message.replace(secret, REDACTED)
-    return _CREDENTIAL.sub(REDACTED, message)
+    message = _CREDENTIAL.sub(REDACTED, message)
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS - 3] + "..."
 
 
 @dataclass(slots=True)

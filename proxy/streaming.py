@@ -5,9 +5,9 @@ Phase 1 holds every frame until the upstream has sent its first content-bearing 
 by the client. Then the client's response is committed and the held frames written.
 Phase 2 moves bytes as they arrive: per chunk only the SSE split, the translator's one
 decode, the client surface's `Encoder.chunk` (for chat completions `sse.frame`, nothing
-more) and the write; the idle timer restarts on every read. A stall, a cut or an
-unreadable event after the commit is a `StreamBroken`, which dispatch ends with the
-surface's error event (or continues on another model); never a clean close that looks
+more) and the write; the idle timer restarts on every read. A stall, a cut, an
+unreadable event or one over the size cap after the commit is a `StreamBroken`, which
+dispatch ends with the surface's error event (or continues on another model); never a clean close that looks
 complete. The end of a complete stream is the encoder's `end` (chat: `data: [DONE]`).
 
 A native attempt (see `proxy.encoding`) writes each upstream event as it arrived instead
@@ -30,7 +30,7 @@ from .decisions import AttemptRecord
 from .encoding import Encoder
 from .errors import FailureClass, UpstreamFailure
 from .providers import Adapter, StreamTranslator
-from .sse import SSEParser, frame, named_frame
+from .sse import MAX_EVENT_BYTES, SSEParser, frame, named_frame
 from .transport import classify, failure_from_exception, read_error_body, unreadable
 from .usage import Usage
 
@@ -61,7 +61,8 @@ class ClientGone(Exception):
 async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], adapter: Adapter,
                          translator: StreamTranslator, timeouts: Timeouts, end_total: float, record: AttemptRecord,
                          client: ClientStream, commit: Callable[[], Awaitable[None]], prefill: str | None,
-                         clock: Callable[[], float], encoder: Encoder, native: bool = False) -> Usage | None:
+                         clock: Callable[[], float], encoder: Encoder, native: bool = False,
+                         max_event_bytes: int = MAX_EVENT_BYTES) -> Usage | None:
     """One streamed attempt: `send` it, hold frames until the first content, `commit` the
     client's response (once per request: a continuation writes on into it), then move
     bytes as they arrive, each payload through `encoder.chunk` (or, `native`, each
@@ -70,7 +71,7 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
     Before the commit a failure raises UpstreamFailure (dispatch tries the next attempt
     unseen); after it, StreamBroken; a client that left or stopped reading, ClientGone.
     """
-    parser = SSEParser()
+    parser = SSEParser(max_event_bytes)
     feed = passthrough(translator) if native else translator.feed
     encode = _as_is if native else encoder.chunk
     loop = asyncio.get_running_loop()

@@ -10,10 +10,12 @@ import asyncio
 from collections.abc import Iterable, Mapping
 
 import aiohttp
+from yarl import URL
 
 from .config import Provider
 from .errors import FailureClass, UpstreamFailure
 from .providers import Adapter, UpstreamRequest
+from .sse import EventTooLarge
 
 MAX_ERROR_BODY = 64 * 1024
 
@@ -46,8 +48,14 @@ class Transport:
         return session
 
     async def send(self, provider: Provider, request: UpstreamRequest) -> aiohttp.ClientResponse:
-        """POST and wait for the response headers. The caller bounds the wait."""
-        return await self.session(provider).post(request.url, data=request.body, headers=dict(request.headers))
+        """POST and wait for the response headers. The caller bounds the wait.
+
+        Redirects are never followed: the gateway talks only to configured base URLs, and
+        following one would send the provider key (aiohttp strips only `Authorization`
+        across origins) and, on a 307, the prompt to whatever host the answer names.
+        `classify` turns the 3xx into a failure."""
+        return await self.session(provider).post(request.url, data=request.body, headers=dict(request.headers),
+                                                 allow_redirects=False)
 
     def retire(self, providers: Iterable[Provider], grace_s: float) -> None:
         """After a reload: close, once requests in flight have had `grace_s` to finish, the
@@ -71,21 +79,40 @@ class Transport:
         await asyncio.gather(*(s.close() for s in sessions), *self._closing, return_exceptions=True)
 
 
+async def read_limited(response: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """Up to `limit` bytes of the body, and whether it held more (the rest is left unread:
+    the caller closes the connection). Memory stays bounded whatever the upstream sends."""
+    if response.content_length is not None and response.content_length > limit:
+        return b"", True
+    chunks: list[bytes] = []
+    size = 0
+    while size <= limit:
+        chunk = await response.content.readany()
+        if not chunk:
+            return b"".join(chunks), False
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)[:limit], True
+
+
 async def read_error_body(response: aiohttp.ClientResponse) -> bytes:
     """An error answer's body, whole up to MAX_ERROR_BODY: one that arrives in several reads
     must still parse, or a context_length_exceeded would be misread as a plain 400."""
-    chunks: list[bytes] = []
-    size = 0
     try:
-        while size < MAX_ERROR_BODY:
-            chunk = await response.content.readany()
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        body, _ = await read_limited(response, MAX_ERROR_BODY)
     except (TimeoutError, aiohttp.ClientError):
-        pass
-    return b"".join(chunks)[:MAX_ERROR_BODY]
+        return b""
+    return body
+
+
+async def read_answer(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """A non-streamed answer's body; one over `limit` bytes is a protocol failure (a broken or
+    hostile upstream must not make the gateway hold hundreds of megabytes)."""
+    body, over = await read_limited(response, limit)
+    if over:
+        response.close()
+        raise UpstreamFailure(FailureClass.PROTOCOL, f"upstream answer exceeded {limit} bytes")
+    return body
 
 
 def failure_from_exception(exc: BaseException, headers_received: bool) -> UpstreamFailure:
@@ -110,6 +137,8 @@ def failure_from_exception(exc: BaseException, headers_received: bool) -> Upstre
 
 def classify(adapter: Adapter, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
     """The adapter's classification of an error answer; one it cannot read is still a failure."""
+    if 300 <= status < 400:
+        return redirected(status, headers)
     try:
         return adapter.classify(status, headers, body)
     except Exception:
@@ -117,6 +146,24 @@ def classify(adapter: Adapter, status: int, headers: Mapping[str, str], body: by
         return UpstreamFailure(kind, f"upstream answered HTTP {status}", status)
 
 
+def redirected(status: int, headers: Mapping[str, str]) -> UpstreamFailure:
+    """A 3xx: a protocol failure (the breaker counts it, the next candidate serves). The
+    message names where it pointed (scheme, host and path, never the query) so that a
+    base_url that moved, or lacks https, is easy to fix."""
+    try:
+        location = URL(headers.get("Location") or "").with_query(None).with_fragment(None)
+        if location.is_absolute():
+            location = location.with_user(None)
+    except ValueError:
+        location = URL()
+    where = f" to {location}" if location.path or location.host else ""
+    return UpstreamFailure(FailureClass.PROTOCOL, f"upstream answered HTTP {status}, a redirect{where}; "
+                           "redirects are never followed (check the provider's base_url)", status)
+
+
 def unreadable(exc: Exception) -> UpstreamFailure:
-    """An upstream answer the adapter could not read (valid JSON of the wrong shape, say)."""
+    """An upstream answer the adapter could not read (valid JSON of the wrong shape, say),
+    or an event larger than the parser takes."""
+    if isinstance(exc, EventTooLarge):
+        return UpstreamFailure(FailureClass.PROTOCOL, str(exc))
     return UpstreamFailure(FailureClass.PROTOCOL, f"unreadable upstream answer ({type(exc).__name__})")

@@ -180,7 +180,8 @@ def classify_error_object(error: Any, status: int | None, in_stream: bool,
         cls = FailureClass.PROTOCOL
     if code is None:            # one code per kind, whichever protocol reported it
         code = _CANONICAL_CODES.get(cls)
-    return UpstreamFailure(cls, message[:500], status, code, retry_after, in_stream)
+    # Whole: dispatch redacts the provider key and then cuts it (errors.redact).
+    return UpstreamFailure(cls, message, status, code, retry_after, in_stream)
 
 
 def registry() -> dict[str, Adapter]:

@@ -1,0 +1,183 @@
+"""Hostile upstreams (tests/hostile.py) in front of a real gateway on 127.0.0.1: redirects are
+never followed, multi-line SSE data arrives intact, oversized events and answers are cut at
+their caps, and an upstream's late echo of the key never reaches a client or a record."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from openai import AsyncOpenAI
+
+from proxy.commands.chaos import read_sse_answer
+from proxy.decisions import Decision
+from proxy.simulator import canonical_text
+
+from .conftest import MakeGateway, RunningGateway, model_entry
+from .hostile import Bystander, Hostile
+from .streams import chat_body
+
+PROTOCOLS = ("openai", "anthropic", "gemini")
+PREFIX = {"openai": "/openai/v1", "anthropic": "/anthropic/v1", "gemini": "/gemini/v1beta"}
+HEX_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+TIMEOUTS = {"connect_s": 2, "first_token_s": 10, "idle_s": 5, "total_s": 30}
+
+
+@dataclass
+class Upstreams:
+    hostile: Hostile
+    bystander: Bystander
+
+    def providers(self, port: int) -> dict[str, Any]:
+        return {f"hostile-{api}": {"api": api, "base_url": f"http://127.0.0.1:{port}{PREFIX[api]}",
+                                   "api_key_env": "SIM_PROVIDER_KEY", "timeouts": TIMEOUTS} for api in PROTOCOLS}
+
+
+async def _start(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[tuple[Upstreams, dict[str, Any]]]:
+    bystander = Bystander()
+    b_runner, b_port = await _start(bystander.app())
+    hostile = Hostile(f"http://127.0.0.1:{b_port}")
+    h_runner, h_port = await _start(hostile.app())
+    ups = Upstreams(hostile, bystander)
+    yield ups, ups.providers(h_port)
+    await h_runner.cleanup()
+    await b_runner.cleanup()
+
+
+def capture(gw: RunningGateway) -> list[Decision]:
+    records: list[Decision] = []
+    gw.gateway.decisions.record = records.append     # type: ignore[method-assign, assignment]
+    return records
+
+
+async def hostile_then_good(make_gateway: MakeGateway, providers: dict[str, Any], protocol: str, upstream: str,
+                            **server: Any) -> RunningGateway:
+    models = {"bad": model_entry(upstream, f"hostile-{protocol}"), "good": model_entry("good-n4")}
+    routes = {"chains": {"main": ["bad", "good"]}, "default": "main",
+              "server": {"breaker": {"consecutive": 1}, **server}}
+    return await make_gateway(models, routes, providers=providers, timeouts=TIMEOUTS)
+
+
+@pytest.mark.parametrize("status", (302, 307))
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_redirect_is_never_followed_and_fails_over(make_gateway: MakeGateway, upstreams: Any,
+                                                           protocol: str, status: int) -> None:
+    ups, providers = upstreams
+    gw = await hostile_then_good(make_gateway, providers, protocol, f"m-redirect{status}")
+    records = capture(gw)
+    async with aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            async with session.post(gw.base + "/chat/completions", json=chat_body("main", stream=stream)) as r:
+                body = await r.read()
+                assert r.status == 200, body
+                assert r.headers["X-Route-Model"] == "good", "the next candidate answered"
+                assert b"gotcha" not in body
+    assert ups.bystander.received == [], "the other host received nothing: no prompt, no provider key"
+    first = records[0].attempts[0]
+    assert (first.failure, first.status) == ("protocol", status)
+    assert f"HTTP {status}, a redirect" in (first.message or "") and "never followed" in (first.message or "")
+    assert gw.gateway.state.breaker(f"bad/hostile-{protocol}/0").state == "open", "the breaker counted it"
+    assert len(records[1].attempts) == 1, "with the breaker open the second request went straight to 'good'"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_multi_line_data_arrives_intact_through_the_openai_sdk(make_gateway: MakeGateway, upstreams: Any,
+                                                                     protocol: str) -> None:
+    _, providers = upstreams
+    gw = await make_gateway({"m": model_entry("m-multiline", f"hostile-{protocol}")}, providers=providers,
+                            timeouts=TIMEOUTS)
+    async with aiohttp.ClientSession() as session:      # a raw client: every frame on one line
+        async with session.post(gw.base + "/chat/completions", json=chat_body("m")) as r:
+            raw = await r.read()
+    answer = read_sse_answer(r.status, dict(r.headers), raw)
+    assert answer.complete and answer.text == "".join(canonical_text(6)), raw[:400]
+    frames = [f for f in raw.split(b"\n\n") if f]
+    assert all(f.startswith(b"data: ") and b"\n" not in f for f in frames), frames[:3]
+    client = AsyncOpenAI(base_url=gw.base, api_key="unused", max_retries=0)
+    try:
+        stream = await client.chat.completions.create(model="m", stream=True,
+                                                      messages=[{"role": "user", "content": "hi"}])
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    finally:
+        await client.close()
+    assert text == "".join(canonical_text(6))
+
+
+async def test_an_endless_line_before_content_is_cut_at_the_cap_and_fails_over(
+        make_gateway: MakeGateway, upstreams: Any) -> None:
+    ups, providers = upstreams
+    gw = await hostile_then_good(make_gateway, providers, "openai", "m-hugefirst",
+                                 max_upstream_event_bytes=1024 * 1024)
+    records = capture(gw)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base + "/chat/completions", json=chat_body("main")) as r:
+            answer = read_sse_answer(r.status, dict(r.headers), await r.read())
+    assert answer.complete and r.headers["X-Route-Model"] == "good"
+    first = records[0].attempts[0]
+    assert first.failure == "protocol" and first.message == "an upstream event exceeded 1048576 bytes"
+    assert ups.hostile.sent_bytes["m-hugefirst"] < 8 * 1024 * 1024, "the gateway hung up near the cap"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_an_endless_line_after_content_ends_the_stream_with_an_error_event(
+        make_gateway: MakeGateway, upstreams: Any, protocol: str) -> None:
+    ups, providers = upstreams
+    gw = await make_gateway({"m": model_entry("m-hugeafter", f"hostile-{protocol}")},
+                            {"chains": {"main": ["m"]}, "default": "main",
+                             "server": {"max_upstream_event_bytes": 1024 * 1024}},
+                            providers=providers, timeouts=TIMEOUTS)
+    records = capture(gw)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base + "/chat/completions", json=chat_body("m")) as r:
+            answer = read_sse_answer(r.status, dict(r.headers), await r.read())
+    assert answer.status == 200 and not answer.complete
+    assert answer.error is not None and "exceeded 1048576 bytes" in answer.error["message"]
+    assert records[0].outcome == "stream_error"
+    assert ups.hostile.sent_bytes["m-hugeafter"] < 8 * 1024 * 1024
+
+
+async def test_a_non_streamed_answer_over_the_cap_is_an_upstream_failure(make_gateway: MakeGateway,
+                                                                         upstreams: Any) -> None:
+    ups, providers = upstreams
+    gw = await hostile_then_good(make_gateway, providers, "openai", "m-bigbody",
+                                 max_upstream_body_bytes=1024 * 1024)
+    records = capture(gw)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base + "/chat/completions", json=chat_body("main", stream=False)) as r:
+            assert r.status == 200 and r.headers["X-Route-Model"] == "good"
+    first = records[0].attempts[0]
+    assert first.failure == "protocol" and first.message == "upstream answer exceeded 1048576 bytes"
+    assert ups.hostile.sent_bytes["m-bigbody"] < 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_a_key_echoed_late_in_a_long_message_is_redacted_before_the_cut(
+        make_gateway: MakeGateway, upstreams: Any, protocol: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The key starts about 480 characters in, so a cut at 500 before redaction would split it;
+    it has no credential shape (an Azure-style hex key), so only the exact match can catch it."""
+    monkeypatch.setenv("SIM_PROVIDER_KEY", HEX_KEY)
+    _, providers = upstreams
+    gw = await make_gateway({"m": model_entry("m-echolong", f"hostile-{protocol}")}, providers=providers,
+                            timeouts=TIMEOUTS)
+    records = capture(gw)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base + "/chat/completions", json=chat_body("m", stream=False)) as r:
+            body = await r.text()
+    assert r.status == 502
+    message = records[0].attempts[0].message or ""
+    assert message.index("[redacted]") > 400, "the key sat late in the message, past most of the cut"
+    for fragment in (HEX_KEY, HEX_KEY[:8]):
+        assert fragment not in body and fragment not in message and fragment not in (records[0].error or "")
