@@ -9,6 +9,8 @@ more) and the write; the idle timer restarts on every read. A stall, a cut, an
 unreadable event or one over the size cap after the commit is a `StreamBroken`, which
 dispatch ends with the surface's error event (or continues on another model); never a clean close that looks
 complete. The end of a complete stream is the encoder's `end` (chat: `data: [DONE]`).
+A write the client does not take within `idle_s` (it stopped reading) is `ClientGone`:
+the idle bound holds on both sides of the relay.
 
 A native attempt (see `proxy.encoding`) writes each upstream event as it arrived instead
 of encoding the translator's payloads; the translator still reads every event.
@@ -19,7 +21,8 @@ The attempt loop and its policy stay in `dispatch`; this module owns no state.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import Protocol
 
 import aiohttp
@@ -100,12 +103,13 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
             if not translator.content_seen:
                 raise UpstreamFailure(FailureClass.PROTOCOL, "stream ended before any content")
         record.ttfb_s = clock() - record.started
-        if not client.committed:
-            await commit()
         if prefill and prefill[-1].isspace():
             pending = trim_seam(pending, translator.text)
-        if pending:
-            await client.write(b"".join(map(encode, pending)))
+        async with _writing(timeouts.idle_s):
+            if not client.committed:
+                await commit()
+            if pending:
+                await client.write(b"".join(map(encode, pending)))
 
         # Phase 2: bytes flow as they arrive; the idle timer restarts on every read.
         writing = False
@@ -117,10 +121,10 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
                         break
                     out = [encode(p) for ev in parser.feed(chunk) for p in feed(ev.name, ev.data)]
                     if out:
-                        # A slow reader is not a stalled upstream: while writing, only the
-                        # attempt's total budget bounds the wait.
+                        # The same bound for the write: a client that takes nothing for idle_s
+                        # has stopped reading, and must not hold the upstream any longer.
                         writing = True
-                        idle.reschedule(loop.time() + max(0.0, end_total - clock()))
+                        idle.reschedule(loop.time() + min(timeouts.idle_s, end_total - clock()))
                         await client.write(out[0] if len(out) == 1 else b"".join(out))
                         writing = False
                     idle.reschedule(loop.time() + min(timeouts.idle_s, end_total - clock()))
@@ -145,8 +149,10 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
             tail = () if native else translator.close()
         except Exception as exc:
             raise StreamBroken(unreadable(exc), translator.text) from None
-        await client.write(await encoder.end(tail, native))
-        await client.finish()
+        end = await encoder.end(tail, native)
+        async with _writing(timeouts.idle_s):
+            await client.write(end)
+            await client.finish()
         return translator.usage
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise failure_from_exception(exc, headers_received) from None
@@ -159,6 +165,16 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
                 response.release()      # complete: the connection goes back to the pool
             else:
                 response.close()        # abandoned: never reuse a half-read connection
+
+
+@asynccontextmanager
+async def _writing(idle_s: float) -> AsyncIterator[None]:
+    """Writes to the client outside the relay loop: bounded by `idle_s` like those inside it."""
+    try:
+        async with asyncio.timeout(idle_s):
+            yield
+    except TimeoutError:
+        raise ClientGone() from None
 
 
 def passthrough(translator: StreamTranslator) -> Callable[[str | None, bytes], Sequence[bytes]]:

@@ -215,3 +215,28 @@ async def test_a_client_that_will_not_read_a_plain_answer_is_cut_off_at_the_dead
     writer.close()
     assert data.count(b"HTTP/1.1 ") <= 1
     assert in_flight(gw) == 0
+
+
+async def test_a_client_that_stops_reading_a_stream_is_cut_within_idle_s(make_gateway: MakeGateway,
+                                                                        fleet: Fleet) -> None:
+    """Not at total_s: a reader that takes nothing for idle_s is gone, and the upstream is let go."""
+    gw = await make_gateway({"m": model_entry("ok-n200000")},
+                            timeouts={"connect_s": 1, "first_token_s": 5, "idle_s": 1, "total_s": 60})
+    records: list[Any] = []
+    gw.gateway.decisions.record = records.append       # type: ignore[method-assign]
+    reader, writer = await _raw_post(int(gw.url.rsplit(":", 1)[1]),
+                                     orjson.dumps({"model": "m", "stream": True, "messages": [USER]}))
+    assert (await reader.read(2000)).startswith(b"HTTP/1.1 200")
+    writer.transport.pause_reading()                    # the client stops reading, and stays connected
+    started = asyncio.get_running_loop().time()
+    while gw.gateway.in_flight and asyncio.get_running_loop().time() - started < 20:
+        await asyncio.sleep(0.05)
+    held = asyncio.get_running_loop().time() - started
+    writer.close()
+    assert not gw.gateway.in_flight and held < 1 + 3, f"held for {held:.1f}s with idle_s 1"
+    assert records[0].outcome == "client_disconnected"
+    for _ in range(40):                                 # the upstream connection is let go too
+        if fleet.sim.requests_for("ok-n200000")[0].disconnected_at is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert fleet.sim.requests_for("ok-n200000")[0].disconnected_at is not None
