@@ -383,7 +383,7 @@ def _server(node: Node) -> ServerSettings:
         max_retry_wait_s=opt(m, "max_retry_wait_s", Node.number, d.max_retry_wait_s),
         request_timeout_s=opt(m, "request_timeout_s", lambda n: n.number(0.001), d.request_timeout_s),
         default_tier=opt(m, "default_tier", Node.string, d.default_tier),
-        decision_log=opt(m, "decision_log", Node.string, d.decision_log),
+        decision_log=opt(m, "decision_log", _decision_log, d.decision_log),
         cors_origins=opt(m, "cors_origins", Node.strings, d.cors_origins),
         drain_timeout_s=opt(m, "drain_timeout_s", Node.number, d.drain_timeout_s),
         body_timeout_s=opt(m, "body_timeout_s", lambda n: n.number(0.001), d.body_timeout_s),
@@ -411,6 +411,16 @@ def _aliases(node: Node, models: Mapping[str, Model], chains: Mapping[str, Chain
             raise target_node.error(f"'{name}' is already a model, chain or auto; an alias cannot change it")
         aliases[name] = target
     return aliases
+
+
+def _decision_log(node: Node) -> str:
+    """`stdout`, `off` or a path. YAML reads a bare `off` (and `no`, `false`) as the boolean
+    false, so that means off too; `true` says nothing about where to write."""
+    if node.value is False:
+        return "off"
+    if node.value is True:
+        raise node.error("expected stdout, off or a file path, got true")
+    return node.string()
 
 
 # --------------------------------------------------------------------------- load

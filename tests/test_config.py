@@ -182,3 +182,41 @@ def test_allow_must_be_a_list_of_names_even_with_the_key_unset(tmp_path: Path, a
     with pytest.raises(config_module.ConfigError) as caught:
         config_module.load(p, r, env={})
     assert "routes.yaml: keys[0].allow" in str(caught.value)
+
+
+@pytest.mark.parametrize("written,meant", [("off", "off"), ("false", "off"), ("no", "off"), ("stdout", "stdout"),
+                                           ("/var/log/llm-proxy/d.jsonl", "/var/log/llm-proxy/d.jsonl")])
+def test_decision_log_off_as_yaml_reads_it(tmp_path: Path, written: str, meant: str) -> None:
+    """A bare `off` is the boolean false to YAML: it still means off, as the README writes it."""
+    p, r = write(tmp_path, PROVIDERS, ROUTES)
+    r.write_text(r.read_text() + f"server:\n  decision_log: {written}\n")
+    assert config_module.load(p, r, env={}).server.decision_log == meant
+
+
+def test_decision_log_true_is_an_error(tmp_path: Path) -> None:
+    p, r = write(tmp_path, PROVIDERS, ROUTES)
+    r.write_text(r.read_text() + "server:\n  decision_log: true\n")
+    with pytest.raises(config_module.ConfigError, match="server.decision_log: expected stdout, off or a file path"):
+        config_module.load(p, r, env={})
+
+
+def readme_yaml_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return [block.split("```", 1)[0] for block in text.split("```yaml\n")[1:]]
+
+
+@pytest.mark.parametrize("block", readme_yaml_blocks(), ids=lambda b: b.split(":", 1)[0].strip())
+def test_every_yaml_block_of_the_readme_loads(tmp_path: Path, block: str) -> None:
+    """Each README example, merged into the shipped files, passes the real loader: an example a
+    user copies must not be rejected (as `decision_log: off` once was)."""
+    fragment = yaml.safe_load(block)
+    providers = yaml.safe_load((ROOT / "providers.yaml").read_text())
+    routes = yaml.safe_load((ROOT / "routes.yaml").read_text())
+    target = providers if set(fragment) <= {"providers", "models"} else routes    # the loader rejects the rest
+    for section, value in fragment.items():
+        if isinstance(value, dict) and isinstance(target.get(section), dict):
+            target[section] = {**target[section], **value}
+        else:
+            target[section] = value
+    p, r = write(tmp_path, providers, routes)
+    config_module.load(p, r, env={})
