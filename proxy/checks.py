@@ -7,6 +7,7 @@
 - a provider or gateway key whose environment variable is unset
 - an alias that hides a deployment's upstream id (the alias wins), or a pattern alias that an
   earlier pattern already catches
+- gateway keys without an admin key: /metrics would be closed to everyone
 
 Pure: takes a Config, returns strings. Imports config only.
 """
@@ -81,6 +82,9 @@ def warnings(config: Config, env: Mapping[str, str] | None = None) -> list[str]:
     for name, provider in config.providers.items():
         if provider.api_key_env and not env.get(provider.api_key_env):
             out.append(f"{providers}: providers.{name}.api_key_env: {provider.api_key_env} is not set")
+    if config.auth_required and not any(key.admin for key in config.keys):
+        out.append(f"{routes}: keys: no key has 'admin: true', so nobody can read /metrics "
+                   f"(give the monitoring system its own admin key)")
     for i, (name, key_env) in enumerate(declared_keys(routes)):
         if key_env and not env.get(key_env):
             out.append(f"{routes}: keys[{i}] ('{name}'): {key_env} is not set; this key admits nobody")

@@ -37,7 +37,7 @@ OUTPUT_FORMATS = ("text", "json_object", "json_schema")
 
 
 RESERVED_RULE_NAMES = ("default", "model", "chain", "none")
-KEY_FIELDS = ("name", "key_env", "key_sha256", "tier", "trust_tier_header", "allow", "rpm")
+KEY_FIELDS = ("name", "key_env", "key_sha256", "tier", "trust_tier_header", "allow", "rpm", "admin")
 
 
 # --------------------------------------------------------------------------- model
@@ -138,6 +138,7 @@ class GatewayKey:
     allow: frozenset[str] | None                # models and chains; None means all
     rpm: int | None
     sha256: bytes = field(repr=False, compare=False, default=b"")
+    admin: bool = False                         # may read /metrics and the operations page
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,6 +338,7 @@ def _key(node: Node, env: Mapping[str, str]) -> GatewayKey | None:
         allow=frozenset(allow.strings()) if allow is not None else None,
         rpm=opt(m, "rpm", lambda n: n.integer(1), None),
         sha256=digest,
+        admin=opt(m, "admin", Node.boolean, False),
     )
 
 

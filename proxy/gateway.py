@@ -60,6 +60,17 @@ class Snapshot:
             raise unauthorized("unknown gateway key")
         return found
 
+    def authenticate_admin(self, authorization: str | None) -> GatewayKey | None:
+        """An admin key (`admin: true` in routes.yaml `keys:`) for the operator's endpoints
+        (/metrics, the operations page): 401 without a key or with an unknown one, 403 for a
+        key that is not an admin key. Without a keys section the gateway serves loopback only
+        and, as everywhere else, asks for no key (None)."""
+        key = self.authenticate(authorization)
+        if key is not None and not key.admin:
+            raise GatewayError(403, f"key '{key.name}' is not an admin key (admin: true in routes.yaml keys:)",
+                               "permission_error", "admin_required", outcome="forbidden")
+        return key
+
     def may_use(self, key: GatewayKey | None, requested: str) -> bool:
         """The key's `allow` list names what a request may resolve to (or the name itself)."""
         return key is None or key.allow is None or requested in key.allow \

@@ -200,6 +200,22 @@ def test_decision_log_true_is_an_error(tmp_path: Path) -> None:
         config_module.load(p, r, env={})
 
 
+def test_admin_is_a_boolean_flag_on_a_key(tmp_path: Path) -> None:
+    keys = [{"name": "ops", "key_env": "OPS", "tier": "free", "admin": True, "allow": []},
+            {"name": "app", "key_env": "APP", "tier": "free"}]
+    p, r = write(tmp_path, PROVIDERS, {**ROUTES, "keys": keys})
+    config = config_module.load(p, r, env={"OPS": "o", "APP": "a"})
+    assert [(k.name, k.admin) for k in config.keys] == [("ops", True), ("app", False)]
+    keys[0]["admin"] = "yes"
+    p, r = write(tmp_path, PROVIDERS, {**ROUTES, "keys": keys})
+    with pytest.raises(config_module.ConfigError, match=r"keys\[0\].admin: expected true or false"):
+        config_module.load(p, r, env={"OPS": "o", "APP": "a"})
+    keys[0]["admin"] = False
+    p, r = write(tmp_path, PROVIDERS, {**ROUTES, "keys": keys})
+    found = warnings(config_module.load(p, r, env={"OPS": "o", "APP": "a"}), env={"OPS": "o", "APP": "a"})
+    assert any("no key has 'admin: true'" in w for w in found)
+
+
 def readme_yaml_blocks() -> list[str]:
     text = (ROOT / "README.md").read_text()
     return [block.split("```", 1)[0] for block in text.split("```yaml\n")[1:]]

@@ -16,6 +16,7 @@ from .conftest import MakeGateway, RunningGateway, model_entry
 WEB_KEY = "gw-web-0123456789abcdef"
 BATCH_KEY = "gw-batch-fedcba9876543210"
 HASHED_KEY = "gw-hashed-aaaabbbbccccdddd"
+ADMIN_KEY = "gw-admin-5555666677778888"
 BODY = {"model": "auto", "messages": [{"role": "user", "content": "hello"}]}
 
 
@@ -27,6 +28,8 @@ def _routes(rpm: int = 3) -> dict:
             {"name": "web-app", "key_env": "WEB_APP_KEY", "tier": "standard", "trust_tier_header": True},
             {"name": "batch", "key_env": "BATCH_KEY", "tier": "free", "allow": ["auto", "main"], "rpm": rpm},
             {"name": "hashed", "key_sha256": hashlib.sha256(HASHED_KEY.encode()).hexdigest(), "tier": "premium"},
+            {"name": "ops", "key_sha256": hashlib.sha256(ADMIN_KEY.encode()).hexdigest(), "tier": "free",
+             "allow": [], "admin": True},
         ],
         "server": {"decision_log": "DECISIONS"},
     }
@@ -59,6 +62,20 @@ async def test_missing_and_unknown_keys_get_401(keyed: RunningGateway) -> None:
     assert "gw-not-a-key" not in orjson.dumps(body).decode()
     status, _, _ = await _post(keyed, "/chat/completions", BODY, {"Authorization": f"Basic {WEB_KEY}"})
     assert status == 401
+
+
+async def test_metrics_answer_only_an_admin_key(keyed: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as session:
+        for headers, status, code in (({}, 401, "invalid_api_key"), (_bearer("gw-not-a-key"), 401, "invalid_api_key"),
+                                      (_bearer(WEB_KEY), 403, "admin_required")):
+            async with session.get(keyed.url + "/metrics", headers=headers) as resp:
+                body = await resp.json()
+                assert (resp.status, body["error"]["code"]) == (status, code), body
+                assert "llm_proxy" not in orjson.dumps(body).decode()
+        async with session.get(keyed.url + "/metrics", headers=_bearer(ADMIN_KEY)) as resp:
+            assert resp.status == 200 and "llm_proxy_requests_total" in await resp.text()
+    status, _, body = await _post(keyed, "/chat/completions", BODY, _bearer(ADMIN_KEY))
+    assert status == 403, "an admin key with allow: [] reads metrics and spends no model traffic"
 
 
 async def test_env_and_sha256_keys_are_accepted(keyed: RunningGateway) -> None:

@@ -19,9 +19,10 @@ from .decision_log_support import read_lines, settled_records
 MESSAGES = [{"role": "user", "content": "hello there"}]
 
 
-async def scrape(session: aiohttp.ClientSession, url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def scrape(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+                 ) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample: (name, sorted labels) -> value."""
-    async with session.get(url + "/metrics") as r:
+    async with session.get(url + "/metrics", headers=headers) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
         text = await r.text()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
@@ -161,7 +162,7 @@ async def test_feedback_needs_the_key_that_made_the_request(make_gateway, tmp_pa
     gw = await make_gateway({"good": model_entry("good-n2")}, {
         "chains": {"main": ["good"]}, "default": "main",
         "keys": [{"name": "a", "key_env": "KEY_A", "tier": "standard", "rpm": 50},
-                 {"name": "b", "key_env": "KEY_B", "tier": "standard"}]})
+                 {"name": "b", "key_env": "KEY_B", "tier": "standard", "admin": True}]})
     a, b = {"Authorization": "Bearer key-a-secret-000"}, {"Authorization": "Bearer key-b-secret-000"}
     async with aiohttp.ClientSession() as s:
         async with s.post(gw.base + "/chat/completions", json={"model": "good", "messages": MESSAGES},
@@ -174,7 +175,7 @@ async def test_feedback_needs_the_key_that_made_the_request(make_gateway, tmp_pa
             assert r.status == 404                      # another key's request is not even acknowledged
         async with s.post(gw.base + "/feedback", json=rating, headers=a) as r:
             assert r.status == 200
-        samples = await scrape(s, gw.url)
+        samples = await scrape(s, gw.url, b)
     assert 48 <= value(samples, "llm_proxy_bucket_level", scope="key", id="a", kind="rpm") < 50
     assert not any("key-a-secret" in str(labels) for _, labels in samples)
 

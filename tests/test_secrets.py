@@ -28,6 +28,7 @@ from .decision_log_support import decisions_in
 
 PROVIDER_SECRET = "sk-live-PROVIDERsecret-9a8b7c6d5e4f"
 GATEWAY_SECRET = "gwk-GATEWAYsecret-1122334455"
+ADMIN_SECRET = "gwk-ADMINsecret-6677889900"
 
 
 def _free_port() -> int:
@@ -77,14 +78,16 @@ def _config(tmp_path: Path, fleet: Fleet, decision_log: str) -> tuple[Path, Path
               "authfail-g": model_entry("authfail-401", provider="sim-gemini"),
               "cut": model_entry("cut-cut2"), "down": model_entry("down-500")}
     routes = {"chains": {"main": ["good"], "bad-auth": ["authfail", "authfail-a", "authfail-g"]}, "default": "main",
-              "keys": [{"name": "app", "key_env": "TEST_GATEWAY_SECRET", "tier": "standard"}],
+              "keys": [{"name": "app", "key_env": "TEST_GATEWAY_SECRET", "tier": "standard"},
+                       {"name": "ops", "key_env": "TEST_ADMIN_SECRET", "tier": "free", "allow": [], "admin": True}],
               "server": {"decision_log": decision_log}}
     return write_config(tmp_path, fleet, models, routes)
 
 
 async def test_neither_key_appears_in_log_output_metrics_or_answers(fleet: Fleet, tmp_path: Path) -> None:
     providers, routes = _config(tmp_path, fleet, "stdout")
-    env = {"SIM_PROVIDER_KEY": PROVIDER_SECRET, "TEST_GATEWAY_SECRET": GATEWAY_SECRET}
+    env = {"SIM_PROVIDER_KEY": PROVIDER_SECRET, "TEST_GATEWAY_SECRET": GATEWAY_SECRET,
+           "TEST_ADMIN_SECRET": ADMIN_SECRET}
     seen: list[bytes] = []          # every response body and header block the clients got
     auth = {"Authorization": f"Bearer {GATEWAY_SECRET}"}
     chat = [
@@ -124,7 +127,10 @@ async def test_neither_key_appears_in_log_output_metrics_or_answers(fleet: Fleet
                 assert r.status == 400
             async with s.post(url + "/v1/route", json=chat[0][0], headers=auth) as r:
                 await keep(r)
-            async with s.get(url + "/metrics") as r:
+            async with s.get(url + "/metrics", headers=auth) as r:       # not an admin key
+                await keep(r)
+                assert r.status == 403
+            async with s.get(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_SECRET}"}) as r:
                 metrics = await keep(r)
                 assert b"llm_proxy_requests_total" in metrics
         out, err = await _stop(process)
@@ -142,7 +148,7 @@ async def test_neither_key_appears_in_log_output_metrics_or_answers(fleet: Fleet
         quoted = f"via {provider}: auth 401 (Incorrect API key provided: [redacted])".encode()
         assert any(quoted in body for body in seen), provider
 
-    for secret in (PROVIDER_SECRET, GATEWAY_SECRET):
+    for secret in (PROVIDER_SECRET, GATEWAY_SECRET, ADMIN_SECRET):
         assert secret not in out, f"{secret} on stdout"
         assert secret not in err, f"{secret} on stderr"
         for blob in seen:

@@ -120,5 +120,11 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[GATEWAY].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
+    """Prometheus text; with keys configured only for an admin key (its labels name keys,
+    models and rules)."""
+    gateway = request.app[GATEWAY]
+    try:
+        gateway.snapshot.authenticate_admin(request.headers.get("Authorization"))
+    except GatewayError as err:
+        return error_response(err, {})
+    return web.Response(body=gateway.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
