@@ -190,8 +190,11 @@ async def test_translated_requests_drop_what_chat_cannot_say_and_the_record_says
     served = await api.messages.with_raw_response.create(
         model="doc", max_tokens=64, messages=[{"role": "user", "content": [document, {"type": "text", "text": "?"}]}])
     assert served.headers["X-Route-Model"] == "claude"
-    records = await settled_records(gw.gateway, tmp_path / "decisions.jsonl", 2)
-    first, second = records
+    alone = await api.messages.with_raw_response.create(model="doc", max_tokens=64,     # nothing chat can carry
+                                                        messages=[{"role": "user", "content": [document]}])
+    assert alone.headers["X-Route-Model"] == "claude"
+    records = await settled_records(gw.gateway, tmp_path / "decisions.jsonl", 3)
+    first, second, _ = records
     assert first["api"] == "messages"
     assert first["attempts"][0]["dropped"] == ["thinking blocks signed by anthropic", "cache_control", "metadata",
                                                "thinking"]

@@ -247,6 +247,10 @@ def to_chat(body: Mapping[str, Any]) -> Translated:
     for message in body["messages"]:
         turn = _user_turn if message["role"] == "user" else _assistant_turn
         messages.extend(turn(message["content"], notes))
+    if all(m["role"] == "system" for m in messages):
+        # Every turn was something chat cannot carry (a lone document): routing still needs a
+        # turn to read; no chat deployment will be sent this body (it is unsendable).
+        messages.append({"role": "user", "content": ""})
     if body["messages"][-1]["role"] == "assistant":
         notes.drop("continuing a final assistant turn (it is sent as an earlier turn)")
     chat: dict[str, Any] = {"model": body["model"], "messages": messages}
