@@ -17,9 +17,18 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Protocol
 
 MEMO_LIMIT = 100_000
 BYTES_LIMIT = 256 * 1024 * 1024
+
+
+class Memos(Protocol):
+    def remember(self, scope: str, key: str, value: bytes, ttl_s: float) -> asyncio.Future[bool]: ...
+
+    async def recall(self, scope: str, key: str) -> bytes | None: ...
+
+    def forget(self, scope: str, key: str) -> asyncio.Future[bool]: ...
 
 
 def _done(value: bool) -> asyncio.Future[bool]:

@@ -168,7 +168,6 @@ async def test_every_status_of_the_chat_path_in_openai_shape(make_gateway: MakeG
     ({**ASK, "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]},
      "input[0].content[0].type"),
     ({**ASK, "input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
-    ({**ASK, "input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
     ({**ASK, "tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({**ASK, "tools": [{"type": "function"}]}, "tools[0].name"),
     ({**ASK, "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
@@ -223,3 +222,33 @@ async def test_store_false_keeps_nothing_and_entries_expire(make_gateway: MakeGa
     memos.clock = lambda: real_clock() + gw.gateway.snapshot.config.server.responses_ttl_s + 1
     status, _, raw = await post(gw, {**ASK, "previous_response_id": kept["id"]})
     assert status == 404 and "expired" in openai_error(raw)["message"]
+
+
+async def test_item_references_replay_stored_output_items(make_gateway: MakeGateway, fleet: Any) -> None:
+    """What the Vercel AI SDK sends by default for earlier assistant turns: references to the
+    output items of stored responses, which the gateway replaces with the items themselves."""
+    gw = await make_gateway({"ok": model_entry("i-n3"), "tools": model_entry("tools")},
+                            {"chains": {"main": ["ok"]}, "default": "main"})
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    _, _, raw = await post(gw, {**ASK, "input": "Hi, I am Ada."})
+    [message] = orjson.loads(raw)["output"]
+    _, _, raw = await post(gw, {"model": "tools", "input": "Weather?", "tools": [tool], "stream": True})
+    [fcall] = events(raw)[-1]["response"]["output"]
+    status, _, raw = await post(gw, {**ASK, "tools": [tool], "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "Hi, I am Ada."}]},
+        {"type": "item_reference", "id": message["id"]},
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather?"}]},
+        {"type": "item_reference", "id": fcall["id"]},
+        {"type": "function_call_output", "call_id": fcall["call_id"], "output": "18 C"}]})
+    assert status == 200, raw
+    sent = fleet.sim.requests_for("i-n3")[-1].body["messages"]
+    assert sent[1] == {"role": "assistant", "content": message["content"][0]["text"]}
+    assert sent[3]["tool_calls"][0]["id"] == fcall["call_id"] and sent[4]["content"] == "18 C"
+    status, _, raw = await post(gw, {**ASK, "input": [{"type": "item_reference", "id": "msg_gone"}]})
+    assert status == 404 and openai_error(raw)["code"] == "item_not_found"
+    assert openai_error(raw)["param"] == "input[0].id"
+    _, _, raw = await post(gw, {**ASK, "input": "again"})
+    stored = orjson.loads(raw)
+    assert (await call(gw, "DELETE", f"/responses/{stored['id']}"))[0] == 200
+    status, _, raw = await post(gw, {**ASK, "input": [{"type": "item_reference", "id": stored["output"][0]["id"]}]})
+    assert status == 404                                    # its items went with the response

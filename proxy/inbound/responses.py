@@ -12,15 +12,17 @@ messages, the earlier history included, without the instructions (which, as in O
 API, a follow-up does not inherit). Entries are scoped to the gateway key that created
 them: another key, like an unknown, expired, deleted or unstored id, gets 404
 `previous_response_not_found` on a follow-up and 404 `response_not_found` on `GET` and
-`DELETE /v1/responses/{id}`. Only answered responses are stored (completed or
-incomplete), never a failed one.
+`DELETE /v1/responses/{id}`. Each output item is kept too, for an `item_reference` in a
+later input (404 `item_not_found` when it is gone). Only answered responses are stored
+(completed or incomplete), never a failed one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from aiohttp import web
@@ -28,18 +30,52 @@ from aiohttp import web
 from ..config import GatewayKey
 from ..errors import GatewayError
 from ..gateway import Gateway
+from ..memos import Memos
 from ..server.edge import GATEWAY, error_response, json_response, request_id
 from .lifecycle import Call, handler
-from .responses_input import parse_request
+from .responses_input import item_references, parse_request
 from .responses_output import ResponsesEncoder, ResponseShape
 
 SCOPE = "responses"
 log = logging.getLogger("proxy.inbound.responses")
 
 
-def memo_key(key: GatewayKey | None, response_id: str) -> str:
-    """Where a response is kept: under the key's name, so another key cannot reach it."""
-    return f"{key.name if key is not None else ''}/{response_id}"
+class Stored:
+    """Stored responses of one gateway key, in the memos: a response under its id (the
+    object and its conversation), each of its output items under `items/<id>` (what an
+    `item_reference` names). Keyed by the key's name, so another key cannot reach them."""
+
+    __slots__ = ("memos", "prefix")
+
+    def __init__(self, memos: Memos, key: GatewayKey | None) -> None:
+        self.memos = memos
+        self.prefix = f"{key.name if key is not None else ''}/"
+
+    async def response(self, response_id: str) -> dict[str, Any] | None:
+        """`{"response": <object>, "history": <chat messages>}`, or None."""
+        stored = await self.memos.recall(SCOPE, self.prefix + response_id)
+        return None if stored is None else cast(dict[str, Any], orjson.loads(stored))
+
+    async def items(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        unique = list(dict.fromkeys(ids))
+        found = await asyncio.gather(*(self.memos.recall(SCOPE, f"{self.prefix}items/{i}") for i in unique))
+        return {i: orjson.loads(item) for i, item in zip(unique, found) if item is not None}
+
+    async def keep(self, response: dict[str, Any], history: list[dict[str, Any]], ttl_s: float) -> bool:
+        writes = [self.memos.remember(SCOPE, self.prefix + response["id"],
+                                      orjson.dumps({"response": response, "history": history}), ttl_s)]
+        writes += [self.memos.remember(SCOPE, f"{self.prefix}items/{item['id']}", orjson.dumps(item), ttl_s)
+                   for item in response["output"]]
+        return all(await asyncio.gather(*writes))
+
+    async def forget(self, response_id: str) -> bool:
+        stored = await self.response(response_id)
+        if stored is None:
+            return False
+        await asyncio.gather(self.memos.forget(SCOPE, self.prefix + response_id),
+                             *(self.memos.forget(SCOPE, f"{self.prefix}items/{item['id']}")
+                               for item in stored["response"]["output"]))
+        return True
 
 
 class Responses:
@@ -52,33 +88,31 @@ class Responses:
         return err.body()
 
     async def decode(self, body: Any, raw: bytes, key: GatewayKey | None, gateway: Gateway) -> Call:
-        request = parse_request(body)
+        stored = Stored(gateway.memos, key)
+        references = item_references(body)
+        request = parse_request(body, await stored.items(references) if references else None)
         history: list[dict[str, Any]] = []
         if request.previous_response_id is not None:
-            stored = await gateway.memos.recall(SCOPE, memo_key(key, request.previous_response_id))
-            if stored is None:
+            previous = await stored.response(request.previous_response_id)
+            if previous is None:
                 raise GatewayError(
                     404, f"previous response '{request.previous_response_id}' not found: it was never stored "
                     "(store: false), has expired or was deleted, or belongs to another key; send the whole "
                     "conversation as input instead", "invalid_request_error", "previous_response_not_found",
                     "previous_response_id", outcome="not_found")
-            history = orjson.loads(stored)["history"]
+            history = previous["history"]
         shape = ResponseShape(request.model, request.store, request.echo)
         if not request.store:
             return Call(request.chat_body(history), ResponsesEncoder(shape, None))
         ttl_s = gateway.snapshot.config.server.responses_ttl_s
-        where = memo_key(key, shape.id)
 
         async def remember(response: dict[str, Any], answer: dict[str, Any]) -> None:
             # The answer goes out whatever happens here: a store that fails costs the follow-up, not this.
-            value = orjson.dumps({"response": response, "history": [*history, *request.messages, answer]})
             try:
-                stored = await gateway.memos.remember(SCOPE, where, value, ttl_s)
+                if not await stored.keep(response, [*history, *request.messages, answer], ttl_s):
+                    log.warning("a response was not stored", extra={"response_id": shape.id})
             except Exception:
                 log.exception("could not store a response", extra={"response_id": shape.id})
-                return
-            if not stored:
-                log.warning("a response was not stored", extra={"response_id": shape.id})
 
         return Call(request.chat_body(history), ResponsesEncoder(shape, remember))
 
@@ -86,14 +120,14 @@ class Responses:
 create = handler(Responses())
 
 
-async def _stored(request: web.Request) -> tuple[Gateway, str, web.Response | None]:
-    """The memo key of `{id}` for this request's gateway key, or the error answer (401)."""
+def _stored(request: web.Request) -> Stored | web.Response:
+    """This request's key's stored responses, or the error answer (401)."""
     gateway = request.app[GATEWAY]
     try:
         key = gateway.snapshot.authenticate(request.headers.get("Authorization"))
     except GatewayError as err:
-        return gateway, "", error_response(err, {"X-Request-Id": request_id(request)})
-    return gateway, memo_key(key, request.match_info["id"]), None
+        return error_response(err, {"X-Request-Id": request_id(request)})
+    return Stored(gateway.memos, key)
 
 
 def _not_found(request: web.Request) -> web.Response:
@@ -104,20 +138,19 @@ def _not_found(request: web.Request) -> web.Response:
 
 async def retrieve(request: web.Request) -> web.Response:
     """`GET /v1/responses/{id}`: a stored response object."""
-    gateway, where, refused = await _stored(request)
-    if refused is not None:
-        return refused
-    stored = await gateway.memos.recall(SCOPE, where)
-    if stored is None:
-        return _not_found(request)
-    return json_response(orjson.loads(stored)["response"])
+    stored = _stored(request)
+    if isinstance(stored, web.Response):
+        return stored
+    found = await stored.response(request.match_info["id"])
+    return _not_found(request) if found is None else json_response(found["response"])
 
 
 async def delete(request: web.Request) -> web.Response:
-    """`DELETE /v1/responses/{id}`: forget a stored response; a follow-up on it is then a 404."""
-    gateway, where, refused = await _stored(request)
-    if refused is not None:
-        return refused
-    if not await gateway.memos.forget(SCOPE, where):
+    """`DELETE /v1/responses/{id}`: forget a stored response and its items; a follow-up on it,
+    or a reference to one of its items, is then a 404."""
+    stored = _stored(request)
+    if isinstance(stored, web.Response):
+        return stored
+    if not await stored.forget(request.match_info["id"]):
         return _not_found(request)
     return json_response({"id": request.match_info["id"], "object": "response.deleted", "deleted": True})

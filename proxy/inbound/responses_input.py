@@ -2,7 +2,9 @@
 
 What maps: `input` as a string or as items (messages with `input_text`, `input_image`,
 `output_text` and `refusal` parts; `function_call` and `function_call_output` turns;
-`reasoning` items are dropped, an upstream cannot use another model's reasoning),
+`reasoning` items are dropped, an upstream cannot use another model's reasoning;
+`item_reference` items name an output item of a stored response, which the caller looks
+up and passes in: the Vercel AI SDK sends earlier assistant turns that way by default),
 `instructions` (a system message first; as in OpenAI's API they are not carried into a
 follow-up), function `tools`, `tool_choice`, `parallel_tool_calls`, `text.format` (text,
 `json_object`, `json_schema`), `max_output_tokens`, `temperature`, `top_p`, `user`,
@@ -10,9 +12,10 @@ follow-up), function `tools`, `tool_choice`, `parallel_tool_calls`, `text.format
 carries it.
 
 What does not: OpenAI's hosted tools (web search, file search, code interpreter, ...),
-`background`, `conversation`, `prompt` templates, `item_reference` and file inputs need
-OpenAI's own servers; each is a 400 naming the field, never a silent drop. Every other
-field is accepted and echoed in the response where OpenAI's response object has it.
+`background`, `conversation`, `prompt` templates and file inputs need OpenAI's own
+servers; each is a 400 naming the field, never a silent drop. Every other field is
+accepted and echoed in the response where OpenAI's response object has it. An
+`item_reference` to an item the caller could not find is a 404 naming the item.
 
 Every error names the Responses field (`input[2].content`), never a chat one, so the
 chat body built here always passes the signal extractor's own checks.
@@ -20,6 +23,7 @@ chat body built here always passes the signal extractor's own checks.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,8 +64,18 @@ class ResponsesRequest:
         return body
 
 
-def parse_request(body: Any) -> ResponsesRequest:
-    """Validate a decoded `POST /v1/responses` body; 400 naming the field at fault."""
+def item_references(body: Any) -> list[str]:
+    """The ids the request's `item_reference` items name, for the caller to look up."""
+    items = body.get("input") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [item["id"] for item in items if isinstance(item, dict) and item.get("type") == "item_reference"
+            and isinstance(item.get("id"), str) and item["id"]]
+
+
+def parse_request(body: Any, referenced: Mapping[str, dict[str, Any]] | None = None) -> ResponsesRequest:
+    """Validate a decoded `POST /v1/responses` body; 400 naming the field at fault.
+    `referenced` holds the output items its `item_reference`s name (`item_references`)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     model = body.get("model")
@@ -78,7 +92,8 @@ def parse_request(body: Any) -> ResponsesRequest:
         raise bad_request("'input' is required: a string or an array of input items", "input")
     return ResponsesRequest(
         model=model, stream=stream, store=True if store is None else store, previous_response_id=previous or None,
-        instructions=instructions or None, messages=input_messages(body["input"]), options=_options(body),
+        instructions=instructions or None, messages=input_messages(body["input"], referenced or {}),
+        options=_options(body),
         echo={name: body[name] for name in _ECHOED if body.get(name) is not None})
 
 
@@ -96,7 +111,7 @@ def _optional(body: dict[str, Any], name: str, kind: type, what: str) -> Any:
 # --------------------------------------------------------------------------- input items
 
 
-def input_messages(raw: Any) -> list[dict[str, Any]]:
+def input_messages(raw: Any, referenced: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """`input` -> chat messages. Consecutive assistant text and function calls become one
     assistant message with `tool_calls`, as the chat protocol wants them."""
     if isinstance(raw, str):
@@ -109,6 +124,9 @@ def input_messages(raw: Any) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             raise bad_request(f"{where} must be an object", where)
         kind = item.get("type", "message" if "role" in item else None)
+        if kind == "item_reference":
+            item = _referenced(item, referenced, where)
+            kind = item.get("type")
         if kind == "message":
             message = _message(item, where)
             if message["role"] == "assistant" and _open_assistant(messages):
@@ -125,13 +143,20 @@ def input_messages(raw: Any) -> list[dict[str, Any]]:
             messages.append(_function_output(item, where))
         elif kind == "reasoning":
             continue
-        elif kind == "item_reference":
-            raise unsupported("item references need OpenAI's item store; send the item itself, or use "
-                              "previous_response_id", f"{where}.type")
         else:
             raise bad_request(f"{where}.type '{kind}' is not an input item the gateway can send: use message, "
                               "function_call or function_call_output", f"{where}.type")
     return messages
+
+
+def _referenced(item: dict[str, Any], referenced: Mapping[str, dict[str, Any]], where: str) -> dict[str, Any]:
+    item_id = item.get("id")
+    found = referenced.get(item_id) if isinstance(item_id, str) else None
+    if found is None:
+        raise GatewayError(404, f"{where}: item '{item_id}' not found: it was not stored by this gateway "
+                           "for this key (store: false), or has expired or was deleted; send the item itself",
+                           "invalid_request_error", "item_not_found", f"{where}.id", outcome="not_found")
+    return found
 
 
 def _open_assistant(messages: list[dict[str, Any]]) -> bool:

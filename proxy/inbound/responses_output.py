@@ -70,13 +70,16 @@ class ResponseShape:
     def render(self, model: str | None, status: str, output: list[dict[str, Any]],
                usage: dict[str, Any] | None = None, incomplete: str | None = None,
                error: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {
+        response = {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
             "background": False, "error": error,
             "incomplete_details": {"reason": incomplete} if incomplete else None,
             **_DEFAULTS, **self.echo,
             "model": model or self.requested_model, "output": output, "store": self.store, "usage": usage,
         }
+        if usage is None and status in ("completed", "incomplete"):
+            del response["usage"]       # an upstream that reported none: absent, as clients that read it expect
+        return response
 
 
 def response_usage(usage: Any) -> dict[str, Any] | None:
