@@ -9,6 +9,7 @@ commit point and failover.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from proxy.server.edge import GATEWAY
 from proxy.simulator import canonical_text
 from proxy.sse import SSEParser
 
-from .conftest import Fleet, model_entry, write_config
+from .conftest import Fleet, MakeGateway, model_entry, write_config
 
 
 class MessagesLike:
@@ -139,3 +140,22 @@ async def test_native_cut_ends_with_the_surface_error_event(surface_gateway: tup
     assert events[0].name == "message_start" and events[-1].name == "error"
     assert "message_stop" not in [e.name for e in events]
     assert orjson.loads(events[-1].data)["error"]["type"] == "upstream_error"
+
+
+async def test_chat_streams_are_the_upstreams_own_frames(make_gateway: MakeGateway, fleet: Fleet) -> None:
+    """The chat encoder frames each payload and adds `[DONE]`, nothing else: an OpenAI
+    upstream's stream reaches the client byte for byte (ids and timestamps drawn per stream
+    aside), the role, content, finish and usage chunks alike."""
+    gw = await make_gateway({"m": model_entry("frames-n4")})
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"include_usage": True}}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base + "/chat/completions", json={**body, "model": "m"}) as response:
+            through = await response.read()
+        direct_url = fleet.url("openai") + "/chat/completions"
+        async with session.post(direct_url, json={**body, "model": "frames-n4"}) as response:
+            direct = await response.read()
+
+    def drawn(raw: bytes) -> bytes:
+        return re.sub(rb'"created":\d+', b'"created":0', re.sub(rb"chatcmpl-[0-9a-f]+", b"chatcmpl-x", raw))
+
+    assert through.endswith(b"\n\ndata: [DONE]\n\n") and drawn(through) == drawn(direct)
