@@ -30,6 +30,7 @@ from proxy.simulator import canonical_text
 from proxy.sse import SSEParser
 
 from .conftest import Fleet, MakeGateway, model_entry, write_config
+from .decision_log_support import settled_records
 
 
 class MessagesLike:
@@ -76,7 +77,8 @@ async def surface_gateway(tmp_path: Path, fleet: Fleet, monkeypatch: pytest.Monk
         "claude": model_entry("native-n5", "sim-anthropic"),
         "gpt": model_entry("plain-n5", "sim-openai"),
     }
-    routes = {"chains": {"failover": ["flaky", "claude"], "to-openai": ["flaky", "gpt"]}, "default": "failover"}
+    routes = {"chains": {"failover": ["flaky", "claude"], "to-openai": ["flaky", "gpt"]}, "default": "failover",
+              "server": {"decision_log": str(tmp_path / "decisions.jsonl")}}
     app = create_app(config_module.load(*write_config(tmp_path, fleet, models, routes)))
     app.router.add_post("/test/messages", handler(MessagesLike()))
     gateway = app[GATEWAY]
@@ -110,7 +112,9 @@ async def test_native_stream_passes_the_upstream_events_through(surface_gateway:
     assert text == "".join(canonical_text(5))
     sent = fleet.sim.requests_for("native-n5")[-1].body
     assert sent == {**messages_body("failover", True), "model": "native-n5"}    # the client's own body
-    await gateway.decisions.flush()
+    [record] = await settled_records(gateway, Path(gateway.decisions.destination), 1)
+    assert (record["api"], record["outcome"], record["served_model"]) == ("messages-test", "ok", "claude")
+    assert record["attempts"][-1]["output_tokens"] == 5         # usage read beside the bytes, for the bill
 
 
 async def test_native_plain_answer_is_the_upstream_body(surface_gateway: tuple[str, Gateway]) -> None:
