@@ -147,6 +147,7 @@ class ResponsesEncoder:
         self.output: list[dict[str, Any]] = []      # items in output order, as they stand now
         self.open: dict[str, Any] | None = None     # the item still receiving deltas
         self.part: dict[str, Any] | None = None     # the open message's content part
+        self.pieces: list[str] = []                 # the open part's text or call's arguments so far
         self.calls: dict[int, dict[str, Any]] = {}  # the chat tool-call index -> its item
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
@@ -231,11 +232,10 @@ class ResponsesEncoder:
             part = self.part = text_part("") if kind == "output_text" else refusal_part("")
             item["content"].append(part)
             out.append(self._event("response.content_part.added", {**self._where(), "part": part}))
+        self.pieces.append(delta)
         if kind == "output_text":
-            part["text"] += delta
             out.append(self._event("response.output_text.delta", {**self._where(), "delta": delta, "logprobs": []}))
         else:
-            part["refusal"] += delta
             out.append(self._event("response.refusal.delta", {**self._where(), "delta": delta}))
 
     def _where(self) -> dict[str, Any]:
@@ -255,16 +255,29 @@ class ResponsesEncoder:
             out.append(self._event("response.output_item.added",
                                    {"output_index": len(self.output) - 1, "item": item}))
         fragment = function.get("arguments")
-        if fragment:
+        if not fragment:
+            return
+        if item is self.open:
+            self.pieces.append(fragment)
+            out.append(self._event("response.function_call_arguments.delta", {
+                "item_id": item["id"], "output_index": len(self.output) - 1, "delta": fragment}))
+        else:                           # a late fragment for a call already closed stays out of the events
             item["arguments"] += fragment
-            if item is self.open:       # a late fragment for a call already closed stays out of the events
-                out.append(self._event("response.function_call_arguments.delta", {
-                    "item_id": item["id"], "output_index": self.output.index(item), "delta": fragment}))
+
+    def _flush(self) -> None:
+        """The open part's or call's pieces into its text (joined once, not grown per delta)."""
+        if self.pieces:
+            target, field = (self.part, "text" if self.part["type"] == "output_text" else "refusal") \
+                if self.part is not None else (self.open, "arguments")
+            if target is not None:
+                target[field] += "".join(self.pieces)
+            self.pieces = []
 
     def _close_part(self, out: list[bytes]) -> None:
         part = self.part
         if part is None:
             return
+        self._flush()
         where = self._where()
         if part["type"] == "output_text":
             out.append(self._event("response.output_text.done", {**where, "text": part["text"], "logprobs": []}))
@@ -277,10 +290,11 @@ class ResponsesEncoder:
         item = self.open
         if item is None:
             return
-        index = self.output.index(item)
+        index = len(self.output) - 1       # the open item is always the last
         if item["type"] == "message":
             self._close_part(out)
         else:
+            self._flush()
             out.append(self._event("response.function_call_arguments.done", {
                 "item_id": item["id"], "output_index": index, "arguments": item["arguments"]}))
         item["status"] = status
@@ -305,6 +319,7 @@ class ResponsesEncoder:
         out: list[bytes] = []
         if not self.started:
             self._start(out)
+        self._flush()
         if self.open is not None:
             self.open["status"] = "incomplete"
         detail = {"type": type_, "code": code or "server_error", "message": message, "param": None}
