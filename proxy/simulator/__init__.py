@@ -13,6 +13,8 @@ something here is applied; other parts are ignored, so `gpt-5-mini` is a healthy
              event mid-stream), nodone (no terminal event), cut<k> (socket closed after k
              tokens), stall<k> (silence after k tokens)
   caller     ctx (400 context_length_exceeded), policy (400 content policy)
+  text       differ<k> (the text differs from the canonical one from token k on: a model
+             that does not give the same answer twice)
   tools      toolloop (a tool call on every turn, even right after a tool result)
   usage      cache<k> (k prompt tokens reported as cached), nousage (the OpenAI wire reports no usage,
              like OpenAI-compatible vendors that ignore stream_options)
@@ -71,6 +73,7 @@ class Behaviour:
     caller: str | None = None           # "ctx" | "policy"
     cached: int = 0
     usage: bool = True                  # report usage (`nousage` turns it off)
+    differ_at: int | None = None        # tokens from this one on differ from the canonical text
     tool_loop: bool = False             # call a tool even right after a tool result
 
 
@@ -89,6 +92,8 @@ def parse_behaviour(model: str, default: Behaviour) -> Behaviour:
                 values["retry_after"] = float(p[2:])
             elif p.startswith("odd") and p[3:].isdigit():
                 values["odd_at"] = int(p[3:])
+            elif p.startswith("differ") and p[6:].isdigit():
+                values["differ_at"] = int(p[6:])
             elif p.startswith("cut") and p[3:].isdigit():
                 values["cut_after"] = int(p[3:])
             elif p.startswith("stall") and p[5:].isdigit():
@@ -162,6 +167,8 @@ def make_reply(ask: Ask, behaviour: Behaviour) -> Reply:
         args = ['{"location"', ': "Paris', '", "unit": "c"}']
         return Reply(args, "tool_calls", prompt_tokens, behaviour.cached, ask.tools[0], usage=behaviour.usage)
     pieces = canonical_text(behaviour.tokens)
+    if behaviour.differ_at is not None:
+        pieces = pieces[:behaviour.differ_at] + [piece.upper() for piece in pieces[behaviour.differ_at:]]
     if ask.json_output:
         words = "".join(pieces).strip().replace('"', "")
         pieces = ['{"answer": "', *[w + " " for w in words.split()][:-1], words.split()[-1] if words else "",
