@@ -25,6 +25,7 @@ A map of the package, a line per room:
   router        pure: Signals + rules -> Plan (rule, reason, candidates, skipped)
   dispatch      the one attempt loop: breaker, bucket, adapter, commit at first content, failover
   streaming     one streamed attempt: hold until first content, commit, move bytes, watch the end
+  verify        restart-and-verify: a restarted answer held back until it reproduced the text sent
   balancer      token buckets, the state store interface, the choice of a deployment
   breaker       closed / open / half-open per deployment
   errors        the error tree, FailureClass and the policy table

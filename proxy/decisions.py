@@ -11,7 +11,9 @@ Billing: an attempt is billed once content came back from the upstream. Its cost
 provider's own usage; without it, the cost is estimated from the request's input-token
 estimate and the length of the text that came back, and marked `cost_estimated` (also
 when a stream cut short reported fewer output tokens than the text that arrived). A
-failure before any content is not billed.
+failure before any content is not billed. Wasted cost is every billed attempt the gateway
+abandoned, plus, for a restart that served after reproducing a broken stream's text
+(`proxy.verify`), the share of its output tokens that repeated that text.
 
 Never holds a secret: the key's name is recorded, never the key.
 Imports only config and usage.
@@ -88,6 +90,8 @@ class AttemptRecord:
     cost_usd: float = 0.0
     cost_estimated: bool = False
     wasted: bool = False                # billed, but abandoned by the gateway (broken stream)
+    regenerated_chars: int = 0          # a restart's text that repeated what the client had (proxy.verify)
+    regenerated_cost_usd: float = 0.0   # ...its share of the cost: wasted, even when the attempt served
     dropped: tuple[str, ...] | None = None  # what the translated request left out of the client's
 
     @property
@@ -109,6 +113,10 @@ class AttemptRecord:
             self.cost_estimated = True
         self.cost_usd = cost_usd(self.usage, self.price)
         self.wasted = self.failure is not None and self.failure != CLIENT_DISCONNECTED   # the client chose to leave
+        if self.regenerated_chars and self.output_chars:
+            share = min(1.0, self.regenerated_chars / self.output_chars)
+            self.regenerated_cost_usd = cost_usd(Usage(output_tokens=round(self.usage.output_tokens * share)),
+                                                 self.price)
 
     def to_json(self) -> dict[str, Any]:
         usage = self.usage
@@ -122,6 +130,7 @@ class AttemptRecord:
             "output_tokens": usage.output_tokens if usage else None,
             "cost_usd": round(self.cost_usd, 10), "cost_estimated": self.cost_estimated,
             "wasted": self.wasted, "dropped": list(self.dropped) if self.dropped else None,
+            "regenerated_chars": self.regenerated_chars or None,
         }
 
 
@@ -169,6 +178,8 @@ class Decision:
             total += attempt.cost_usd
             if attempt.wasted:
                 wasted += attempt.cost_usd
+            else:
+                wasted += attempt.regenerated_cost_usd      # the prefix a verified restart repeated
             if attempt.billed:
                 self.cost_estimated = self.cost_estimated or attempt.cost_estimated
                 if attempt.model == self.served_model:

@@ -11,7 +11,10 @@ Streaming commit point: nothing reaches the client until the upstream has sent i
 content-bearing event; until then any failure moves to the next attempt unseen. After it,
 bytes flow as they arrive (`streaming.stream_attempt` moves them); a stall or a cut ends
 the client's stream here with the client surface's error event (`Encoder.error`: for chat
-an OpenAI-style error event and no `[DONE]`), unless the chain opted into continuation.
+an OpenAI-style error event and no `[DONE]`), unless the chain opted into continuation:
+then the next candidate continues the text already sent (a prefill), or, when it cannot
+take a prefill, restarts the answer, held back until it has reproduced that text
+(`proxy.verify`).
 
 What reaches the client is the request's `Encoder` (`proxy.encoding`): the plain answer
 goes through `Encoder.answer`, a stream's payloads through `Encoder.chunk`. When the
@@ -45,6 +48,7 @@ from .signals import Signals
 from .streaming import ClientGone, ClientStream, StreamBroken, stream_attempt
 from .transport import Transport, classify, failure_from_exception, read_answer, read_error_body, unreadable
 from .usage import Usage
+from .verify import MAX_CHARS, Verifier
 
 if TYPE_CHECKING:
     from .balancer import StateStore
@@ -109,6 +113,8 @@ class Dispatcher:
             if skip is not None:
                 ex.decision.skipped.append({"model": model.name, "reason": skip})
                 continue
+            # Continuing a broken stream on a model that cannot take a prefill: restart, and verify.
+            restart = prefill is not None and "prefill" not in model.capabilities
             excluded: set[str] = set()
             retried: set[str] = set()
             pinned: Deployment | None = None        # the retry goes to the deployment that failed
@@ -126,14 +132,17 @@ class Dispatcher:
                         open_longest = self._older(open_longest, choice.longest_open)
                     break
                 pinned = None
-                request = self._build(ex, choice, prefill)
+                request = self._build(ex, choice, None if restart else prefill, continuing=prefill is not None)
                 if isinstance(request, UpstreamFailure):    # this protocol cannot express the request
                     ex.decision.skipped.append({"model": model.name, "reason": request.message})
                     unsendable = unsendable or request
                     excluded.add(choice.deployment.id)
                     continue
                 budget -= 1
-                outcome = await self._attempt(ex, candidate, choice, request, client, prefill)
+                verifier = Verifier(prefill, self.clock() + verify_s(choice.deployment), self.clock) \
+                    if restart and prefill is not None else None
+                outcome = await self._attempt(ex, candidate, choice, request, client,
+                                              None if restart else prefill, verifier)
                 if outcome is None:
                     return None
                 if isinstance(outcome, bytes):
@@ -142,11 +151,12 @@ class Dispatcher:
                     # Only text can be continued, and never after a native commit (the client
                     # already has the upstream's own events): a broken tool call or an empty
                     # answer ends here.
+                    added = added_text(outcome, verifier)
                     if chain is None or chain.on_stream_failure != "continue" or client is None \
-                            or not outcome.text or request.native:
+                            or added is None or request.native:
                         await self._end_with_error(ex, client, outcome.failure)
                         return None
-                    prefill = (prefill or "") + "".join(outcome.text)
+                    prefill = (prefill or "") + added
                     break                                       # continue on the next candidate
                 failure = outcome
                 if failure.kind is FailureClass.RATE_LIMITED and failure.retry_after is not None:
@@ -216,8 +226,9 @@ class Dispatcher:
         model = candidate.model
         if model.context_window <= min_context:
             return (), "context window not larger than a model that reported context_length_exceeded"
-        if prefill is not None and "prefill" not in model.capabilities:
-            return (), "cannot continue a prefilled answer"
+        if prefill is not None and "prefill" not in model.capabilities and len(prefill) > MAX_CHARS:
+            return (), f"cannot take a prefill, and the answer so far is too long to regenerate and verify " \
+                       f"({len(prefill)} > {MAX_CHARS} characters)"
         adapters = self.adapters
         deployments = candidate.deployments
         if any(d.provider.api not in adapters for d in deployments):
@@ -248,14 +259,14 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ one attempt
 
-    def _build(self, ex: Exchange, reservation: Reservation, prefill: str | None
+    def _build(self, ex: Exchange, reservation: Reservation, prefill: str | None, continuing: bool = False
                ) -> UpstreamRequest | UpstreamFailure:
         """The upstream request, or why this protocol cannot express it (then the reservation
         is given back: nothing was sent, so it is not an attempt)."""
         deployment = reservation.deployment
         adapter = self.adapters[deployment.provider.api]
         try:
-            if prefill is None and ex.native_body is not None and ex.encoder.native == deployment.provider.api \
+            if not continuing and ex.native_body is not None and ex.encoder.native == deployment.provider.api \
                     and hasattr(adapter, "build_native"):
                 return cast(NativeAdapter, adapter).build_native(deployment, ex.native_body, ex.signals.stream,
                                                                  ex.native_headers)
@@ -272,8 +283,8 @@ class Dispatcher:
                                    f"({type(exc).__name__}: {exc})", 400, "invalid_request")
 
     async def _attempt(self, ex: Exchange, candidate: Candidate, reservation: Reservation,
-                       request: UpstreamRequest, client: ClientStream | None, prefill: str | None
-                       ) -> bytes | None | UpstreamFailure | StreamBroken:
+                       request: UpstreamRequest, client: ClientStream | None, prefill: str | None,
+                       verifier: Verifier | None = None) -> bytes | None | UpstreamFailure | StreamBroken:
         deployment = reservation.deployment
         adapter = self.adapters[deployment.provider.api]
         record = AttemptRecord(candidate.model.name, deployment.id, deployment.provider.name, self.clock(),
@@ -292,13 +303,14 @@ class Dispatcher:
             if client is None:
                 body, usage, raw = await self._plain(adapter, deployment, request, record, ex.deadline)
             else:
-                usage = await self._streamed(ex, adapter, candidate, deployment, request, record, client, prefill)
+                usage = await self._streamed(ex, adapter, candidate, deployment, request, record, client, prefill,
+                                             verifier)
             verdict = "ok"
             used_tokens = usage.total_tokens if usage else None
             self._served(ex, candidate, deployment, record, usage, body)
             return raw if request.native else body
         except StreamBroken as broken:
-            verdict = "fail"
+            verdict = "fail" if POLICY[broken.failure.kind].breaker else "ok"
             self._failed(record, broken.failure, deployment)
             return broken
         except UpstreamFailure as failure:
@@ -322,6 +334,8 @@ class Dispatcher:
         finally:
             now = self.clock()
             record.duration_s = now - record.started
+            if verifier is not None:
+                record.regenerated_chars = verifier.position     # billed again, and wasted
             if verdict == "ok":
                 breaker.record_success(now)
             elif verdict == "fail":
@@ -385,7 +399,7 @@ class Dispatcher:
 
     async def _streamed(self, ex: Exchange, adapter: Adapter, candidate: Candidate, deployment: Deployment,
                         request: UpstreamRequest, record: AttemptRecord, client: ClientStream,
-                        prefill: str | None) -> Usage | None:
+                        prefill: str | None, verifier: Verifier | None) -> Usage | None:
         async def commit() -> None:
             ex.decision.served_model = candidate.model.name     # what X-Route-Model tells the client
             ex.decision.served_provider = deployment.provider.name
@@ -399,7 +413,7 @@ class Dispatcher:
         return await stream_attempt(
             lambda: self.transport.send(deployment.provider, request), adapter, translator, timeouts,
             min(self.clock() + timeouts.total_s, ex.deadline), record, client, commit, prefill, self.clock,
-            ex.encoder, request.native, self.settings.max_upstream_event_bytes)
+            ex.encoder, request.native, self.settings.max_upstream_event_bytes, verifier)
 
     async def _end_with_error(self, ex: Exchange, client: ClientStream | None, failure: UpstreamFailure) -> None:
         """After the commit the only honest end is the surface's error event, never a clean close."""
@@ -413,6 +427,24 @@ class Dispatcher:
             await client.finish()
         except ClientGone:
             ex.decision.outcome = CLIENT_DISCONNECTED
+
+
+def verify_s(deployment: Deployment) -> float:
+    """How long a restart may take to reproduce the text already sent: as long as the gateway
+    waits for any attempt's first token, plus one idle gap. The client sees nothing meanwhile."""
+    timeouts = deployment.provider.timeouts
+    return timeouts.first_token_s + timeouts.idle_s
+
+
+def added_text(broken: StreamBroken, verifier: Verifier | None) -> str | None:
+    """The text a broken attempt added to the client's answer; None when the answer cannot be
+    continued from text (a broken tool call, an empty answer)."""
+    if verifier is not None and not verifier.verified:
+        return ""                   # a restart that had not caught up: nothing of it reached the client
+    text = "".join(broken.text)
+    if verifier is not None:
+        text = text[len(verifier.sent):]
+    return text or None
 
 
 def answer_chars(body: bytes) -> int:

@@ -29,6 +29,7 @@ class FailureClass(enum.Enum):
     TIMEOUT = "timeout"                 # no headers or no first content in time, or a stall
     CONNECT = "connect"                 # refused, reset or closed before response headers
     PROTOCOL = "protocol"               # an answer we cannot read, or an in-band error event
+    DIVERGED = "diverged"               # a restarted answer did not reproduce the text already sent
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +50,7 @@ POLICY: dict[FailureClass, Policy] = {
     FailureClass.TIMEOUT: Policy(fallback=True, retry_same=False, breaker=True),
     FailureClass.CONNECT: Policy(fallback=True, retry_same=True, breaker=True),
     FailureClass.PROTOCOL: Policy(fallback=True, retry_same=False, breaker=True),
+    FailureClass.DIVERGED: Policy(fallback=True, retry_same=False, breaker=False),     # it answered, differently
 }
 
 

@@ -36,6 +36,7 @@ from .providers import Adapter, StreamTranslator
 from .sse import MAX_EVENT_BYTES, SSEParser, frame, named_frame
 from .transport import classify, failure_from_exception, read_error_body, unreadable
 from .usage import Usage
+from .verify import Verifier
 
 
 class ClientStream(Protocol):
@@ -65,17 +66,21 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
                          translator: StreamTranslator, timeouts: Timeouts, end_total: float, record: AttemptRecord,
                          client: ClientStream, commit: Callable[[], Awaitable[None]], prefill: str | None,
                          clock: Callable[[], float], encoder: Encoder, native: bool = False,
-                         max_event_bytes: int = MAX_EVENT_BYTES) -> Usage | None:
+                         max_event_bytes: int = MAX_EVENT_BYTES, verify: Verifier | None = None) -> Usage | None:
     """One streamed attempt: `send` it, hold frames until the first content, `commit` the
     client's response (once per request: a continuation writes on into it), then move
     bytes as they arrive, each payload through `encoder.chunk` (or, `native`, each
     upstream event as it came), until the upstream's end. Returns the upstream's usage.
+    A restarted answer (`verify`) is held back until it has reproduced the text the client
+    already has (see `proxy.verify`).
 
     Before the commit a failure raises UpstreamFailure (dispatch tries the next attempt
     unseen); after it, StreamBroken; a client that left or stopped reading, ClientGone.
     """
     parser = SSEParser(max_event_bytes)
     feed = passthrough(translator) if native else translator.feed
+    if verify is not None:
+        feed = verify.wrap(feed)
     encode = _as_is if native else encoder.chunk
     loop = asyncio.get_running_loop()
     headers_received = False
@@ -145,6 +150,8 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
         if not translator.finished and translator.finish_reason is None:
             raise StreamBroken(UpstreamFailure(FailureClass.PROTOCOL, "upstream stream was cut before its end"),
                                translator.text)
+        if verify is not None and not verify.verified:      # it ended before reproducing the text sent
+            raise StreamBroken(verify.shortfall(), translator.text)
         try:
             tail = () if native else translator.close()
         except Exception as exc:

@@ -54,9 +54,11 @@ def test_a_step_that_cannot_trigger_fails_the_run(tmp_path: Path, capsys: pytest
     assert "FAIL alpha fail (503): expected complete stream from beta; client saw HTTP 502" in out
 
 
-def test_continuation_chain_is_proved_with_the_whole_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("prefill", [("beta",), ()])      # continued from a prefill, or restarted and verified
+def test_continuation_chain_is_proved_with_the_whole_text(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          prefill: tuple[str, ...]) -> None:
     chains = {"main": {"models": ["alpha", "beta", "gamma"], "on_stream_failure": "continue"}}
-    code = main(["chaos", "--json", *openai_only(tmp_path, chains, prefill=("gamma",))])
+    code = main(["chaos", "--json", *openai_only(tmp_path, chains, prefill=prefill)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert '"name": "alpha cut mid-stream"' in out and '"expect": "the whole text, continued"' in out

@@ -8,7 +8,9 @@ The faults rotate through 503, 429 with Retry-After, a silent route, a reset, an
 error and 500, continuing from path to path, so every kind is exercised. Then every model
 fails at once (the client must get a clean error status), and the primary is cut
 mid-stream (the client must get an error event without `[DONE]`, or the whole text when
-the chain opted into continuation and a `prefill` model follows).
+the chain opted into continuation and another model follows: continued from a prefill, or
+restarted and verified against the text already sent, as the simulator's models answer
+deterministically).
 
 Each step runs on a fresh gateway (fresh breakers and buckets), so steps do not leak
 into each other. Models whose wire protocol has no registered adapter are reported as
@@ -188,7 +190,7 @@ def plan_steps(chain: Chain, config: Config, protocols: set[str], first_fault: i
                       lambda a: a.status != 200 and a.clean_error))
         primary = live[0]
         cut = {name: "cut2" for name in upstream_names(primary)}
-        continues = chain.on_stream_failure == "continue" and any("prefill" in m.capabilities for m in live[1:])
+        continues = chain.on_stream_failure == "continue" and len(live) > 1
         if continues:
             steps.append((f"{primary.name} cut mid-stream", "the whole text, continued", cut,
                           lambda a: a.complete and a.text == "".join(canonical_text(TOKENS))))
