@@ -17,7 +17,6 @@ A map of the package, a line per room:
                 decision record); routing (authenticate, read once, signals, plan)
   encoding      the Encoder contract: how a surface puts streams and answers on its wire
   gateway       the one app-scoped object: config snapshot, state, sessions, log, metrics
-  memos         a small key-value store with a TTL (stored responses), until proxy/state/ serves it
   config        providers.yaml + routes.yaml -> frozen dataclasses, errors with file and path
   yaml_paths    YAML read with file + path locations, ConfigError, the strict loader
   checks        warnings of `llm-proxy check`
@@ -26,8 +25,12 @@ A map of the package, a line per room:
   dispatch      the one attempt loop: breaker, bucket, adapter, commit at first content, failover
   streaming     one streamed attempt: hold until first content, commit, move bytes, watch the end
   verify        restart-and-verify: a restarted answer held back until it reproduced the text sent
-  balancer      token buckets, the state store interface, the choice of a deployment
-  breaker       closed / open / half-open per deployment
+  balancer      the choice of a deployment: order by strategy, one admission, bucket names
+  state/        buckets, breakers, 429 holds and memos behind one async interface: store
+                (the interface), bucket (pure), memory (this process; 1/N per worker),
+                redis_store (shared, one Lua script per admission), failover (local shares
+                while Redis is away), lua/ (the scripts)
+  breaker       pure: closed / open / half-open per deployment, the recovery schedule
   errors        the error tree, FailureClass and the policy table
   transport     pooled upstream sessions and exception mapping
   sse           SSE framing: incremental parser and encoders

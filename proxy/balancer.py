@@ -1,61 +1,34 @@
-"""Token buckets, the per-deployment state store, and the choice of a deployment.
+"""The choice of a deployment: order the candidates' deployments, then one admission.
 
-`StateStore` is the small interface behind which buckets, breakers and load statistics
-live. `MemoryState` keeps them in this process; a shared store (Redis) can implement
-the same five methods when several gateway instances run side by side.
+The balancer orders a model's deployments by its `strategy` (with this process's load
+statistics) and hands the order to the state store, which admits the first one whose
+breaker admits it and whose buckets have room, all in one call (one round trip to
+Redis). Picking the first admissible deployment of a weighted random order is the same
+as a weighted choice among the admissible ones: the order is an exponential race
+(each deployment draws Exp(weight), the smallest goes first), and the first of any
+subset in such a race is drawn in proportion to the weights within that subset.
 
 Buckets: requests per minute and tokens per minute, per deployment and per provider
-account. A request reserves 1 request and its input tokens + max_tokens (1,024 when it
-sets none, capped at the bucket's size) at admission; `settle` refunds what the real
-usage did not spend, or takes what it spent beyond the reservation.
+account, named here (`deployment:<id>:rpm`, `provider:<name>:tpm`, `key:<name>`). A
+request reserves 1 request and its input tokens + max_tokens (1,024 when it sets none,
+capped at the bucket's size); `settle` refunds what the real usage did not spend, or takes
+what it spent beyond the reservation. Load statistics (in flight, time to first token)
+stay per process: they steer this instance's choices only.
 
-Time is a parameter everywhere. Imports config and breaker only.
+Imports config and state only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from .breaker import BreakerPolicy, CircuitBreaker
-from .config import Deployment, Limits
+from .config import Config, Deployment, GatewayKey
+from .state import Admission, BucketSpec, Grant, Option, Outcome, Refusal, StateStore
 
 DEFAULT_OUTPUT_RESERVATION = 1024
-
-
-class TokenBucket:
-    __slots__ = ("capacity", "rate", "level", "updated")
-
-    def __init__(self, per_minute: int, now: float) -> None:
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
-        self.level = float(per_minute)
-        self.updated = now
-
-    def _refill(self, now: float) -> None:
-        if now > self.updated:
-            self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
-            self.updated = now
-
-    def available(self, amount: float, now: float) -> bool:
-        self._refill(now)
-        return self.level >= min(amount, self.capacity)
-
-    def take(self, amount: float, now: float) -> None:
-        """May go below zero (a settle of real usage): the debt delays the next admission."""
-        self._refill(now)
-        self.level -= min(amount, self.capacity)
-
-    def refund(self, amount: float, now: float) -> None:
-        self._refill(now)
-        self.level = min(self.capacity, self.level + amount)
-
-    def wait_s(self, amount: float, now: float) -> float:
-        self._refill(now)
-        missing = min(amount, self.capacity) - self.level
-        return 0.0 if missing <= 0 else missing / self.rate
 
 
 @dataclass(slots=True)
@@ -67,35 +40,11 @@ class DeploymentStats:
         self.ttft_ewma = seconds if self.ttft_ewma is None else 0.8 * self.ttft_ewma + 0.2 * seconds
 
 
-class StateStore(Protocol):
-    def breaker(self, deployment_id: str) -> CircuitBreaker: ...
-    def bucket(self, name: str, per_minute: int, now: float) -> TokenBucket: ...
-    def stats(self, deployment_id: str) -> DeploymentStats: ...
-    def all_breakers(self) -> dict[str, CircuitBreaker]: ...
-    def all_buckets(self) -> dict[str, TokenBucket]: ...
-    def set_breaker_policy(self, policy: BreakerPolicy) -> None: ...
-
-
 @dataclass
-class MemoryState:
-    """All per-deployment state of one process. Survives config reloads: keys are stable ids."""
+class Load:
+    """This process's load per deployment; survives reloads (keyed by stable ids)."""
 
-    policy: BreakerPolicy = field(default_factory=BreakerPolicy)
-    breakers: dict[str, CircuitBreaker] = field(default_factory=dict)
-    buckets: dict[str, TokenBucket] = field(default_factory=dict)
     statistics: dict[str, DeploymentStats] = field(default_factory=dict)
-
-    def breaker(self, deployment_id: str) -> CircuitBreaker:
-        breaker = self.breakers.get(deployment_id)
-        if breaker is None:
-            breaker = self.breakers[deployment_id] = CircuitBreaker(self.policy)
-        return breaker
-
-    def bucket(self, name: str, per_minute: int, now: float) -> TokenBucket:
-        bucket = self.buckets.get(name)
-        if bucket is None or bucket.capacity != per_minute:
-            bucket = self.buckets[name] = TokenBucket(per_minute, now)
-        return bucket
 
     def stats(self, deployment_id: str) -> DeploymentStats:
         stats = self.statistics.get(deployment_id)
@@ -103,153 +52,121 @@ class MemoryState:
             stats = self.statistics[deployment_id] = DeploymentStats()
         return stats
 
-    def all_breakers(self) -> dict[str, CircuitBreaker]:
-        return self.breakers
-
-    def all_buckets(self) -> dict[str, TokenBucket]:
-        return self.buckets
-
-    def set_breaker_policy(self, policy: BreakerPolicy) -> None:
-        """From `server.breaker` at start and on reload; breakers keep their state."""
-        self.policy = policy
-        for breaker in self.breakers.values():
-            breaker.policy = policy
-
 
 @dataclass(slots=True)
 class Reservation:
-    """What a chosen deployment took from its buckets; `settle` gives back the unused part."""
+    """A chosen deployment and what the state store reserved for it; settle it exactly once."""
 
     deployment: Deployment
     tokens: int
-    buckets: list[TokenBucket]      # token buckets only; a spent request is never refunded
-    probe: bool = False
+    grant: Grant
+    settled: asyncio.Future[str] | None = None      # the breaker's state after the settle
+
+    @property
+    def probe(self) -> bool:
+        return self.grant.probe
 
 
-@dataclass(slots=True)
-class Refusal:
-    """Why no deployment of a candidate could be used right now."""
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The state store's refusal, with the deployment it names (the one open longest)."""
 
-    reason: str                 # "breaker_open" | "rate_limited" | "excluded"
-    retry_after: float = 0.0
+    refusal: Refusal
     longest_open: Deployment | None = None
 
 
-def _buckets_for(state: StateStore, deployment: Deployment, now: float) -> tuple[list[TokenBucket], list[TokenBucket]]:
-    """(request buckets, token buckets) of a deployment and its provider account."""
-    requests, tokens = [], []
-    for name, limits in ((f"deployment:{deployment.id}", deployment.limits),
-                         (f"provider:{deployment.provider.name}", deployment.provider.limits)):
+def bucket_specs(deployment: Deployment, tokens: int) -> tuple[BucketSpec, ...]:
+    """Every bucket a request to `deployment` reserves from: its own and its provider account's."""
+    specs = []
+    for scope, limits in ((f"deployment:{deployment.id}", deployment.limits),
+                          (f"provider:{deployment.provider.name}", deployment.provider.limits)):
         if limits.rpm:
-            requests.append(state.bucket(name + ":rpm", limits.rpm, now))
+            specs.append(BucketSpec(scope + ":rpm", limits.rpm, 1))
         if limits.tpm:
-            tokens.append(state.bucket(name + ":tpm", limits.tpm, now))
-    return requests, tokens
+            specs.append(BucketSpec(scope + ":tpm", limits.tpm, tokens, tokens=True))
+    return tuple(specs)
 
 
-def _has_limits(deployment: Deployment) -> bool:
-    d, p = deployment.limits, deployment.provider.limits
-    return bool(d.rpm or d.tpm or p.rpm or p.tpm)
+def key_spec(key: GatewayKey | None) -> BucketSpec | None:
+    """The key's own requests-per-minute bucket, or None when the key sets no `rpm`."""
+    if key is None or key.rpm is None:
+        return None
+    return BucketSpec(f"key:{key.name}", key.rpm, 1)
+
+
+def watched(config: Config) -> tuple[list[str], dict[str, int]]:
+    """Every deployment id and every bucket (name -> limit) the config defines: what a view reads."""
+    deployments: list[str] = []
+    buckets: dict[str, int] = {}
+    for model in config.models.values():
+        for d in model.deployments:
+            deployments.append(d.id)
+            for spec in bucket_specs(d, 0):
+                buckets[spec.name] = spec.per_minute
+    for key in config.keys:
+        if (limit := key_spec(key)) is not None:
+            buckets[limit.name] = limit.per_minute
+    return deployments, buckets
 
 
 class Balancer:
-    def __init__(self, state: StateStore, rng: random.Random | None = None) -> None:
+    def __init__(self, state: StateStore, load: Load, rng: random.Random | None = None) -> None:
         self.state = state
+        self.load = load
         self.rng = rng or random.Random()
 
-    def choose(self, deployments: Sequence[Deployment], strategy: str, tokens: int, now: float,
-               excluded: frozenset[str] | set[str]) -> Reservation | Refusal:
-        """Pick one deployment whose breaker admits and whose buckets have room, and reserve."""
-        state = self.state
-        open_, limited, ready = [], [], []
-        wait = float("inf")
-        for d in deployments:
-            if d.id in excluded:
-                continue
-            breaker = state.breaker(d.id)
-            if breaker.state != "closed" and now < breaker.open_until:
-                open_.append(d)
-                continue
-            if now < breaker.held_until:            # the provider's own Retry-After
-                limited.append(d)
-                wait = min(wait, breaker.held_until - now)
-                continue
-            if _has_limits(d):
-                requests, token_buckets = _buckets_for(state, d, now)
-                short = [b.wait_s(1, now) for b in requests] + [b.wait_s(tokens, now) for b in token_buckets]
-                worst = max(short, default=0.0)
-                if worst > 0:
-                    limited.append(d)
-                    wait = min(wait, worst)
-                    continue
-            ready.append(d)
-        while ready:
-            chosen = self._pick(ready, strategy)
-            breaker = state.breaker(chosen.id)
-            if breaker.allows(now):
-                reservation = self._reserve(chosen, tokens, now)
-                reservation.probe = breaker.state != "closed"   # it holds a half-open probe slot
-                return reservation
-            ready.remove(chosen)            # half-open with its probe slots taken
-            open_.append(chosen)
-        if limited:
-            return Refusal("rate_limited", retry_after=wait)
-        if open_:
-            longest = min(open_, key=lambda d: state.breaker(d.id).opened_at)
-            return Refusal("breaker_open", longest_open=longest)
-        return Refusal("excluded")
+    async def choose(self, deployments: Sequence[Deployment], strategy: str, tokens: int,
+                     excluded: frozenset[str] | set[str], key: BucketSpec | None = None,
+                     probe_lease_s: float = 60.0) -> Reservation | Refused:
+        """Admit one deployment (and the key's bucket, when given) in one state call, and reserve."""
+        ready = [d for d in deployments if d.id not in excluded]
+        if not ready:
+            return Refused(Refusal("excluded"))
+        ordered = self.order(ready, strategy)
+        admission = Admission(tuple(Option(d.id, bucket_specs(d, tokens)) for d in ordered), key,
+                              probe_lease_s=probe_lease_s)
+        return self._reserved(ordered, tokens, await self.state.admit(admission))
 
-    def force(self, deployment: Deployment, tokens: int, now: float) -> Reservation | None:
+    async def force(self, deployment: Deployment, tokens: int, key: BucketSpec | None = None,
+                    probe_lease_s: float = 60.0) -> Reservation | Refused:
         """Probe a deployment whose breaker is open: every candidate is open, so try the oldest.
-        None while its probe slots are taken (the probe is bounded even then) or a 429 holds it."""
-        breaker = self.state.breaker(deployment.id)
-        if now < breaker.held_until or not breaker.force_probe(now):   # never probe into a 429 hold
-            return None
-        reservation = self._reserve(deployment, tokens, now)
-        reservation.probe = True
-        return reservation
+        Refused while its probe slots are taken (the probe is bounded even then) or a 429 holds it."""
+        admission = Admission((Option(deployment.id, bucket_specs(deployment, tokens)),), key, force=True,
+                              probe_lease_s=probe_lease_s)
+        return self._reserved([deployment], tokens, await self.state.admit(admission))
 
-    def _reserve(self, deployment: Deployment, tokens: int, now: float) -> Reservation:
-        token_buckets: list[TokenBucket] = []
-        if _has_limits(deployment):
-            requests, token_buckets = _buckets_for(self.state, deployment, now)
-            for b in requests:
-                b.take(1, now)
-            for b in token_buckets:
-                b.take(tokens, now)
-        self.state.stats(deployment.id).in_flight += 1
-        return Reservation(deployment, tokens, token_buckets)
+    def _reserved(self, ordered: Sequence[Deployment], tokens: int, answer: Grant | Refusal
+                  ) -> Reservation | Refused:
+        if isinstance(answer, Refusal):
+            longest = None if answer.longest_open is None else ordered[answer.longest_open]
+            return Refused(answer, longest)
+        deployment = ordered[answer.index]
+        self.load.stats(deployment.id).in_flight += 1
+        return Reservation(deployment, tokens, answer)
 
-    def settle(self, reservation: Reservation, used_tokens: int | None, now: float) -> None:
-        """Return unused reserved tokens; called exactly once per reservation."""
-        self.state.stats(reservation.deployment.id).in_flight -= 1
-        if used_tokens is None:
-            return                              # usage unknown: the reservation stands
-        for b in reservation.buckets:
-            taken = min(reservation.tokens, b.capacity)
-            if used_tokens < taken:
-                b.refund(taken - used_tokens, now)
-            elif used_tokens > taken:
-                b.take(used_tokens - taken, now)    # spent more than reserved: the bucket owes it
+    def settle(self, reservation: Reservation, outcome: Outcome) -> asyncio.Future[str]:
+        """Hand the reservation back with how the attempt went; never waits (off the byte path).
+        The future says the breaker's state once the settle has landed."""
+        self.load.stats(reservation.deployment.id).in_flight -= 1
+        return self.state.settle(reservation.grant, outcome)
 
-    def _pick(self, ready: list[Deployment], strategy: str) -> Deployment:
+    def order(self, ready: list[Deployment], strategy: str) -> list[Deployment]:
         if len(ready) == 1:
-            return ready[0]
-        stats = self.state.stats
+            return ready
+        stats = self.load.stats
         if strategy == "least_loaded":
-            return min(ready, key=lambda d: (stats(d.id).in_flight, -d.weight))
+            return sorted(ready, key=lambda d: (stats(d.id).in_flight, -d.weight))
         if strategy == "lowest_latency":
-            return min(ready, key=lambda d: (stats(d.id).ttft_ewma or 0.0, stats(d.id).in_flight))
+            return sorted(ready, key=lambda d: (stats(d.id).ttft_ewma or 0.0, stats(d.id).in_flight))
         if strategy == "cheapest":
-            return min(ready, key=lambda d: (d.price.input + d.price.output, stats(d.id).in_flight))
+            return sorted(ready, key=lambda d: (d.price.input + d.price.output, stats(d.id).in_flight))
         # weighted: weight shared by current load, so a busy deployment gets less
-        weights = [d.weight / (1 + stats(d.id).in_flight) for d in ready]
-        return self.rng.choices(ready, weights)[0]
+        draw = self.rng.expovariate
+        return sorted(ready, key=lambda d: draw(d.weight / (1 + stats(d.id).in_flight)))
 
 
 def reservation_tokens(input_tokens: int, max_tokens: int | None) -> int:
     return input_tokens + (max_tokens if max_tokens is not None else DEFAULT_OUTPUT_RESERVATION)
 
 
-__all__ = ["Balancer", "MemoryState", "Reservation", "Refusal", "StateStore", "TokenBucket", "Limits",
-           "reservation_tokens"]
+__all__ = ["Balancer", "Load", "Refused", "Reservation", "bucket_specs", "key_spec", "reservation_tokens", "watched"]

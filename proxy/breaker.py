@@ -38,10 +38,23 @@ class BreakerPolicy:
     max_open_s: float = 300.0       # no interval or hold is longer, whatever a Retry-After says
     probes: int = 1
 
+    def open_interval(self, failed_probes: int) -> float:
+        """The open interval after `failed_probes` failed probes in a row, before the cost floor:
+        `open_s`, doubling up to the low cap. The one definition of the schedule: the Redis
+        backend is handed `schedule()` and applies exactly these numbers."""
+        return min(self.open_s * 2.0 ** min(failed_probes, 64), max(self.max_backoff_s, self.open_s))
+
+    def schedule(self) -> list[float]:
+        """`open_interval(k)` for k = 0, 1, ... up to the first value that no longer grows."""
+        out = [self.open_interval(0)]
+        while len(out) < 64 and self.open_interval(len(out)) > out[-1]:
+            out.append(self.open_interval(len(out)))
+        return out
+
 
 class CircuitBreaker:
-    __slots__ = ("policy", "state", "opened_at", "open_until", "held_until", "_open_s", "_streak", "_recent",
-                 "_probing")
+    __slots__ = ("policy", "state", "opened_at", "open_until", "held_until", "_failed_probes", "_streak",
+                 "_recent", "_probing")
 
     def __init__(self, policy: BreakerPolicy = BreakerPolicy()) -> None:
         self.policy = policy
@@ -49,7 +62,7 @@ class CircuitBreaker:
         self.opened_at = 0.0
         self.open_until = 0.0
         self.held_until = 0.0           # a rate-limit hold (429 Retry-After): not a failure
-        self._open_s = policy.open_s
+        self._failed_probes = 0
         self._streak = 0
         self._recent: deque[tuple[float, bool]] = deque(maxlen=256)
         self._probing = 0
@@ -88,7 +101,7 @@ class CircuitBreaker:
         self._streak = 0
         if self.state != CLOSED:
             self.state = CLOSED
-            self._open_s = self.policy.open_s
+            self._failed_probes = 0
             self._probing = 0
 
     def record_failure(self, now: float, open_for: float | None = None, cost_s: float = 0.0) -> None:
@@ -98,10 +111,11 @@ class CircuitBreaker:
         self._streak += 1
         policy = self.policy
         if self.state == HALF_OPEN:         # a failed probe: back off, but never past the low cap
-            self._open_s = min(self._open_s * 2, max(policy.max_backoff_s, policy.open_s))
+            self._failed_probes += 1
         elif self._streak < policy.consecutive and not self._ratio_exceeded(now):
             return
-        self.trip(now, open_for if open_for is not None else max(self._open_s, policy.cost_factor * cost_s))
+        interval = policy.open_interval(self._failed_probes)
+        self.trip(now, open_for if open_for is not None else max(interval, policy.cost_factor * cost_s))
 
     def release_probe(self) -> None:
         """A probe ended without a verdict (for example the client went away)."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .breaker import BreakerPolicy
 from .sse import MAX_EVENT_BYTES
@@ -142,6 +143,22 @@ class GatewayKey:
 
 
 @dataclass(frozen=True, slots=True)
+class StateSettings:
+    """Where buckets, breakers, holds and recent requests live: this process, or Redis."""
+
+    url: str = "memory"             # memory | redis://host:6379/0 | rediss://... | unix:///run/redis.sock
+    password_env: str | None = None
+    instances: int = 1              # gateway instances sharing the URL: each enforces 1/instances while Redis is away
+    timeout_ms: float = 50.0        # the bound on every Redis call; past it, local shares
+    prefix: str = "llm-proxy"       # key prefix, so that several gateways can share one Redis
+    password: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def shared(self) -> bool:
+        return self.url != "memory"
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_messages: int = 2048
@@ -157,6 +174,8 @@ class ServerSettings:
     max_upstream_event_bytes: int = MAX_EVENT_BYTES     # one event of an upstream stream
     breaker: BreakerPolicy = BreakerPolicy()
     responses_ttl_s: float = 86400.0            # how long a stored response can be retrieved or followed up
+    state: StateSettings = StateSettings()
+    feedback_window_s: float = 3600.0           # how long a request id can still be scored
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,12 +389,39 @@ def _breaker(node: Node) -> BreakerPolicy:
     )
 
 
-def _server(node: Node) -> ServerSettings:
+def _timeout_ms(node: Node) -> float:
+    value = node.number(1)
+    if value > 5000:
+        raise node.error("must be <= 5000 (it bounds every request's admission while Redis hangs)")
+    return value
+
+
+def _state(node: Node, env: Mapping[str, str]) -> StateSettings:
+    m = node.mapping(("url", "password_env", "instances", "timeout_ms", "prefix"))
+    d = StateSettings()
+    url = opt(m, "url", Node.string, d.url)
+    if url != "memory":
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise m["url"].error("expected 'memory' or a redis://, rediss:// or unix:// URL")
+        if parts.password or "password=" in parts.query:
+            raise m["url"].error("no password in the file: name the environment variable that holds it "
+                                 "in password_env")
+    password_env = opt(m, "password_env", Node.string, None)
+    return StateSettings(
+        url=url, password_env=password_env,
+        instances=opt(m, "instances", lambda n: n.integer(1), d.instances),
+        timeout_ms=opt(m, "timeout_ms", _timeout_ms, d.timeout_ms),
+        prefix=opt(m, "prefix", Node.string, d.prefix),
+        password=env.get(password_env) if password_env else None,
+    )
+
+
+def _server(node: Node, env: Mapping[str, str]) -> ServerSettings:
     m = node.mapping((
         "max_body_bytes", "max_messages", "max_attempts", "max_retry_wait_s", "request_timeout_s",
         "default_tier", "decision_log", "cors_origins", "drain_timeout_s", "body_timeout_s", "breaker",
-        "responses_ttl_s",
-        "max_upstream_body_bytes", "max_upstream_event_bytes",
+        "responses_ttl_s", "max_upstream_body_bytes", "max_upstream_event_bytes", "state", "feedback_window_s",
     ))
     d = ServerSettings()
     return ServerSettings(
@@ -395,6 +441,8 @@ def _server(node: Node) -> ServerSettings:
                                     d.max_upstream_body_bytes),
         max_upstream_event_bytes=opt(m, "max_upstream_event_bytes", lambda n: n.integer(1024),
                                      d.max_upstream_event_bytes),
+        state=opt(m, "state", lambda n: _state(n, env), d.state),
+        feedback_window_s=opt(m, "feedback_window_s", lambda n: n.number(1), d.feedback_window_s),
     )
 
 
@@ -503,7 +551,7 @@ def load(providers_path: str | os.PathLike[str], routes_path: str | os.PathLike[
     return Config(
         providers=providers, models=models, chains=chains, rules=tuple(rules), default=default,
         fallbacks=fallbacks, keys=tuple(keys), auth_required="keys" in r_root,
-        server=opt(r_root, "server", _server, ServerSettings()),
+        server=opt(r_root, "server", lambda n: _server(n, env), ServerSettings()),
         providers_path=str(providers_path), routes_path=str(routes_path), aliases=aliases,
     )
 

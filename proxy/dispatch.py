@@ -31,12 +31,12 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import aiohttp
 import orjson
 
-from .balancer import Balancer, Refusal, Reservation, reservation_tokens
+from .balancer import Balancer, Load, Refused, Reservation, reservation_tokens
 from .breaker import OPEN
 from .config import Chain, Deployment, ServerSettings
 from .decisions import CLIENT_DISCONNECTED, AttemptRecord, Decision
@@ -45,13 +45,11 @@ from .errors import POLICY, FailureClass, GatewayError, UpstreamFailure, redact
 from .providers import Adapter, NativeAdapter, UpstreamRequest
 from .router import Candidate, Plan
 from .signals import Signals
+from .state import BucketSpec, Outcome, StateStore
 from .streaming import ClientGone, ClientStream, StreamBroken, stream_attempt
 from .transport import Transport, classify, failure_from_exception, read_answer, read_error_body, unreadable
 from .usage import Usage
 from .verify import MAX_CHARS, Verifier
-
-if TYPE_CHECKING:
-    from .balancer import StateStore
 
 AUTH_OPEN_S = 300.0
 BACKOFF_S = (0.05, 0.25)        # jittered wait before the one retry of a 5xx or reset
@@ -76,14 +74,26 @@ class Exchange:
     untranslatable: str | None = None   # attempt's record names it; why only a native attempt can serve
 
 
+@dataclass(slots=True)
+class OpenBreaker:
+    """The candidate deployment whose breaker has been open longest, as a refusal reported it."""
+
+    deployment: Deployment
+    opened_at: float            # on the dispatcher's clock
+    probe_at: float             # when it may be probed (open interval or 429 hold), same clock
+
+
 class Dispatcher:
     def __init__(self, adapters: Mapping[str, Adapter], transport: Transport, state: StateStore,
-                 settings: ServerSettings, clock: Callable[[], float] = time.monotonic,
+                 settings: ServerSettings, load: Load | None = None,
+                 key_limits: Mapping[str, BucketSpec] | None = None, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self.adapters = adapters
         self.transport = transport
         self.state = state
-        self.balancer = Balancer(state)
+        self.load = load or Load()
+        self.balancer = Balancer(state, self.load)
+        self.key_limits = key_limits or {}      # a key's own rpm, by the key's name
         self.settings = settings
         self.clock = clock
         self.sleep = sleep
@@ -99,11 +109,13 @@ class Dispatcher:
         tokens = reservation_tokens(ex.signals.input_tokens, ex.signals.max_tokens)
         budget = self.settings.max_attempts
         rate_limited_wait: float | None = None      # the shortest wait any limit asked for
-        open_longest: Deployment | None = None      # every breaker open: the one to probe
+        open_longest: OpenBreaker | None = None     # every breaker open: the one to probe
         min_context = 0                             # after context_length_exceeded: a larger window
         prefill: str | None = None                  # text streamed so far, once continuing
         last_caller: UpstreamFailure | None = None
         unsendable: UpstreamFailure | None = None   # a protocol could not express the request
+        # The key's rpm is reserved in the same call as the first deployment admitted, then paid.
+        key = self.key_limits.get(ex.signals.key) if ex.signals.key is not None else None
 
         candidates = ex.plan.candidates
         for position, candidate in enumerate(candidates):
@@ -120,17 +132,21 @@ class Dispatcher:
             pinned: Deployment | None = None        # the retry goes to the deployment that failed
             while budget > 0:
                 pool = (pinned,) if pinned is not None else deployments
-                choice = self.balancer.choose(pool, model.strategy, tokens, self.clock(), excluded)
-                if isinstance(choice, Refusal):
+                choice = await self.balancer.choose(pool, model.strategy, tokens, excluded, key, self._lease(ex))
+                if isinstance(choice, Refused):
+                    refusal = choice.refusal
+                    if refusal.reason == "key_limited":
+                        raise key_limited(key, refusal.retry_after)
                     if pinned is not None:          # no longer admitted (limit, breaker): try the others
                         excluded.add(pinned.id)
                         pinned = None
                         continue
-                    if choice.reason == "rate_limited":
-                        rate_limited_wait = min(rate_limited_wait or math.inf, choice.retry_after)
-                    elif choice.reason == "breaker_open":
-                        open_longest = self._older(open_longest, choice.longest_open)
+                    if refusal.reason == "rate_limited":
+                        rate_limited_wait = min(rate_limited_wait or math.inf, refusal.retry_after)
+                    elif refusal.reason == "breaker_open" and choice.longest_open is not None:
+                        open_longest = self._older(open_longest, choice)
                     break
+                key = None                          # the key pays once per request
                 pinned = None
                 request = self._build(ex, choice, None if restart else prefill, continuing=prefill is not None)
                 if isinstance(request, UpstreamFailure):    # this protocol cannot express the request
@@ -178,7 +194,7 @@ class Dispatcher:
                 # A failure that opened the breaker (a failed probe, say) is not retried: the
                 # breaker would refuse the retry after its wait, so fall over at once.
                 if policy.retry_same and choice.deployment.id not in retried and wait is not None \
-                        and budget > later and self.state.breaker(choice.deployment.id).state != OPEN:
+                        and budget > later and await self._breaker_state(choice) != OPEN:
                     retried.add(choice.deployment.id)
                     pinned = choice.deployment
                     await self.sleep(wait)
@@ -188,7 +204,7 @@ class Dispatcher:
                 break
 
         if not ex.decision.attempts and open_longest is not None and rate_limited_wait is None and budget > 0:
-            outcome = await self._probe_oldest(ex, open_longest, tokens, client)
+            outcome = await self._probe_oldest(ex, open_longest.deployment, tokens, key, client)
             if outcome is None or isinstance(outcome, bytes):
                 return outcome
         if client is not None and client.committed:
@@ -197,17 +213,18 @@ class Dispatcher:
             return None
         if last_caller is None and not ex.decision.attempts:
             last_caller = unsendable
-        oldest = None if open_longest is None else self.state.breaker(open_longest.id)
-        open_wait = None if oldest is None else max(0.0, max(oldest.open_until, oldest.held_until) - self.clock())
+        open_wait = None if open_longest is None else max(0.0, open_longest.probe_at - self.clock())
         raise final_error(ex.decision.attempts, last_caller, rate_limited_wait, open_wait)
 
-    async def _probe_oldest(self, ex: Exchange, oldest: Deployment, tokens: int, client: ClientStream | None
-                            ) -> bytes | None | UpstreamFailure:
+    async def _probe_oldest(self, ex: Exchange, oldest: Deployment, tokens: int, key: BucketSpec | None,
+                            client: ClientStream | None) -> bytes | None | UpstreamFailure:
         """Every candidate's breaker is open: probe the one open longest rather than fail untried.
         Returns what `run` returns when it answered (or ended the stream), else the failure."""
         candidate = next(c for c in ex.plan.candidates if oldest in c.deployments)
-        reservation = self.balancer.force(oldest, tokens, self.clock())
-        if reservation is None:                     # its probe slots are taken, or it is rate-limited
+        reservation = await self.balancer.force(oldest, tokens, key, self._lease(ex))
+        if isinstance(reservation, Refused):        # its probe slots are taken, or it is rate-limited
+            if reservation.refusal.reason == "key_limited":
+                raise key_limited(key, reservation.refusal.retry_after)
             return UpstreamFailure(FailureClass.CONNECT, "breaker open")
         request = self._build(ex, reservation, None)
         if isinstance(request, UpstreamFailure):
@@ -237,11 +254,23 @@ class Dispatcher:
                 return (), "no adapter for its wire protocol"
         return deployments, None
 
-    def _older(self, current: Deployment | None, other: Deployment | None) -> Deployment | None:
+    def _older(self, current: OpenBreaker | None, refused: Refused) -> OpenBreaker:
         """Of two deployments with open breakers, the one open longest."""
-        if current is None or other is None:
-            return current or other
-        return min(current, other, key=lambda d: self.state.breaker(d.id).opened_at)
+        assert refused.longest_open is not None
+        now = self.clock()
+        other = OpenBreaker(refused.longest_open, now - refused.refusal.open_for, now + refused.refusal.open_wait)
+        return other if current is None or other.opened_at < current.opened_at else current
+
+    @staticmethod
+    async def _breaker_state(reservation: Reservation) -> str:
+        """The deployment's breaker state once this attempt's settle has landed ("" if unknown):
+        awaited only on the way to a retry, never on a client's bytes."""
+        return await reservation.settled if reservation.settled is not None else ""
+
+    def _lease(self, ex: Exchange) -> float:
+        """How long a half-open probe slot stays taken if its settle never comes (the instance
+        died mid-request): never longer than the request may run."""
+        return max(1.0, ex.deadline - self.clock() + 1.0)
 
     def _retry_wait(self, failure: UpstreamFailure, deadline: float) -> float | None:
         """Seconds to wait before retrying the same deployment, or None when it does not fit.
@@ -274,9 +303,7 @@ class Dispatcher:
                 raise UpstreamFailure(FailureClass.CALLER, ex.untranslatable, 400, "unsupported_parameter")
             return adapter.build(deployment, ex.body, ex.signals.stream, prefill)
         except Exception as exc:        # an adapter meeting a shape it cannot express: the request's fault
-            if reservation.probe:
-                self.state.breaker(deployment.id).release_probe()
-            self.balancer.settle(reservation, 0, self.clock())
+            self.balancer.settle(reservation, Outcome(0))       # no verdict: a probe slot is released
             if isinstance(exc, UpstreamFailure):
                 return exc
             return UpstreamFailure(FailureClass.CALLER, f"the request cannot be sent to {deployment.provider.api} "
@@ -290,11 +317,12 @@ class Dispatcher:
         record = AttemptRecord(candidate.model.name, deployment.id, deployment.provider.name, self.clock(),
                                deployment.price, dropped=None if request.native else ex.dropped or None)
         ex.decision.attempts.append(record)
-        breaker = self.state.breaker(deployment.id)
         used_tokens: int | None = None
         verdict: str | None = None          # "ok" | "fail" | None (no verdict: client left)
         failure_hold: float | None = None   # a Retry-After that came with a failure: the open interval
         failure_cost = 0.0                  # how long a failure before the commit kept the request waiting
+        trip_for: float | None = None       # bad credentials: open whatever the counts
+        hold_for: float | None = None       # a 429: a hold, not a failure
         try:
             if ex.decision.overhead_ms is None:
                 ex.decision.overhead_ms = round((self.clock() - ex.decision.started) * 1000, 3)
@@ -320,29 +348,23 @@ class Dispatcher:
             used_tokens = 0                 # refused before any output: nothing was spent
             self._failed(record, failure, deployment)
             if failure.kind is FailureClass.AUTH:
-                breaker.trip(self.clock(), AUTH_OPEN_S)
+                trip_for = AUTH_OPEN_S
             elif failure.kind is FailureClass.RATE_LIMITED:
                 # No traffic until the limit lifts; without Retry-After, a short jittered hold
                 # that the retry (if any) then waits out exactly.
                 if failure.retry_after is None:
                     failure.retry_after = random.uniform(*RATE_LIMIT_BACKOFF_S)
-                failure.retry_after = min(failure.retry_after, breaker.policy.max_open_s)
-                breaker.hold(self.clock(), failure.retry_after)
+                failure.retry_after = hold_for = min(failure.retry_after, self.settings.breaker.max_open_s)
             elif failure.kind in (FailureClass.CALLER, FailureClass.CONTENT_POLICY, FailureClass.CONTEXT_LENGTH):
                 verdict = "ok"      # the deployment answered correctly; the request was wrong
             return failure
         finally:
-            now = self.clock()
-            record.duration_s = now - record.started
+            record.duration_s = self.clock() - record.started
             if verifier is not None:
                 record.regenerated_chars = verifier.position     # billed again, and wasted
-            if verdict == "ok":
-                breaker.record_success(now)
-            elif verdict == "fail":
-                breaker.record_failure(now, failure_hold, failure_cost)
-            elif reservation.probe:
-                breaker.release_probe()     # a probe that ended without a verdict frees its slot
-            self.balancer.settle(reservation, used_tokens, now)
+            # Off the byte path: the settle never waits (with Redis it is sent in the background).
+            reservation.settled = self.balancer.settle(
+                reservation, Outcome(used_tokens, verdict, failure_hold, trip_for, hold_for, failure_cost))
 
     def _failed(self, record: AttemptRecord, failure: UpstreamFailure, deployment: Deployment) -> None:
         # Upstream messages can echo what they were sent (a 401 quoting the key): scrub them
@@ -362,7 +384,7 @@ class Dispatcher:
         ex.decision.served_model = candidate.model.name
         ex.decision.served_provider = deployment.provider.name
         if record.ttfb_s is not None:
-            self.state.stats(deployment.id).observe_ttft(record.ttfb_s)
+            self.load.stats(deployment.id).observe_ttft(record.ttfb_s)
 
     def route_headers(self, ex: Exchange, candidate: Candidate, deployment: Deployment) -> dict[str, str]:
         return {
@@ -454,6 +476,15 @@ def answer_chars(body: bytes) -> int:
         return sum(len(c["message"].get("content") or "") for c in choices if isinstance(c.get("message"), dict))
     except (orjson.JSONDecodeError, AttributeError, TypeError):
         return 0
+
+
+def key_limited(spec: BucketSpec | None, retry_after: float) -> GatewayError:
+    """429 for a gateway key over its own `rpm`."""
+    assert spec is not None
+    name = spec.name.removeprefix("key:")
+    return GatewayError(429, f"key '{name}' exceeded its limit of {spec.per_minute} requests per minute",
+                        "rate_limit_error", "key_rate_limited",
+                        headers={"Retry-After": str(max(1, math.ceil(retry_after)))}, outcome="rate_limited")
 
 
 def final_error(attempts: list[AttemptRecord], caller: UpstreamFailure | None,

@@ -1,7 +1,8 @@
 """The one app-scoped object that holds every piece of mutable state.
 
 `Gateway` owns the current config `Snapshot` (config + compiled router + dispatcher), the
-per-deployment state (buckets, breakers, load), the upstream sessions, the decision log
+state store (buckets, breakers, holds, recent requests: this process's memory or Redis,
+see proxy.state), this process's load statistics, the upstream sessions, the decision log
 and the metrics. A request pins the snapshot it started with, so a reload (SIGHUP)
 changes what new requests see while requests in flight finish on their own; the state
 is keyed by stable deployment ids, so breakers and buckets carry over.
@@ -13,27 +14,27 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import orjson
+
 from . import config as config_module
-from .balancer import MemoryState, StateStore
+from .balancer import Load, key_spec, watched
 from .config import Config, GatewayKey
 from .decisions import CLIENT_DISCONNECTED, Decision, DecisionLog, Served, iso_time
-from .dispatch import Dispatcher
+from .dispatch import Dispatcher, key_limited
 from .errors import GatewayError, forbidden, unauthorized
-from .memos import MemoryMemos
 from .metrics import Metrics
 from .providers import Adapter, registry
 from .router import Router
+from .state import Admission, Refusal, StateStore, StateView, open_state
 from .transport import Transport
 
 log = logging.getLogger("proxy.gateway")
 
-RECENT_REQUESTS = 100_000       # how many finished requests can still receive feedback
+SERVED = "served"               # the memo scope of finished requests that feedback may score
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +86,16 @@ class Snapshot:
 class Gateway:
     def __init__(self, config: Config, *, state: StateStore | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 adapters: Mapping[str, Adapter] | None = None) -> None:
+                 adapters: Mapping[str, Adapter] | None = None, workers: int = 1) -> None:
         self.clock = clock
-        self.state: StateStore = state or MemoryState()
+        self.state: StateStore = state or open_state(config.server.state, config.server.breaker, workers=workers,
+                                                     clock=clock)
         self.state.set_breaker_policy(config.server.breaker)
+        self.load = Load()          # this process's in-flight counts and latencies, for the balancer
         self.transport = Transport()
         self.adapters = adapters or registry()
         self.decisions = DecisionLog(config.server.decision_log)
-        self.metrics = Metrics(self.state, clock, self.decisions)
-        self.recent: OrderedDict[str, Served] = OrderedDict()
-        self.memos = MemoryMemos(clock)     # what a Responses follow-up needs (previous_response_id)
+        self.metrics = Metrics(self.decisions)
         self.snapshot = self._build(config)
         self._longest_request_s = config.server.request_timeout_s   # how long an old snapshot may live on
         self.ready = False
@@ -104,35 +105,37 @@ class Gateway:
         self.in_flight: set[asyncio.Task[object]] = set()    # routed requests of every API, for the drain
 
     def _build(self, config: Config) -> Snapshot:
-        dispatcher = Dispatcher(self.adapters, self.transport, self.state, config.server, clock=self.clock)
+        keys = {k.name: spec for k in config.keys if (spec := key_spec(k)) is not None}
+        dispatcher = Dispatcher(self.adapters, self.transport, self.state, config.server, self.load, keys,
+                                clock=self.clock)
         snapshot = Snapshot(config, Router(config), dispatcher)
         self.metrics.configure(config)      # only once everything that can fail has been built
         return snapshot
 
     async def start(self) -> None:
         self.decisions.start()
+        await self.state.start()        # never fails: Redis away means degraded mode from the start
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
         await self.transport.close()
+        await self.state.close()
         await self.decisions.close()
 
-    def admit(self, key: GatewayKey | None) -> None:
-        """The key's own requests-per-minute bucket; raises 429 with Retry-After when it is empty.
+    async def admit_key(self, key: GatewayKey | None) -> None:
+        """The key's own rpm for a request that admits no deployment (a token count); 429 when
+        it is spent. Requests that reach the attempt loop pay it there, with their first admission."""
+        spec = key_spec(key)
+        if spec is not None:
+            answer = await self.state.admit(Admission((), spec))
+            if isinstance(answer, Refusal):
+                raise key_limited(spec, answer.retry_after)
 
-        The bucket lives in the state store under the key's name, so it survives a reload
-        (a changed `rpm` starts a fresh bucket)."""
-        if key is None or key.rpm is None:
-            return
-        now = self.clock()
-        bucket = self.state.bucket(f"key:{key.name}", key.rpm, now)
-        if not bucket.available(1, now):
-            retry = max(1, math.ceil(bucket.wait_s(1, now)))
-            raise GatewayError(429, f"key '{key.name}' exceeded its limit of {key.rpm} requests per minute",
-                               "rate_limit_error", "key_rate_limited", headers={"Retry-After": str(retry)},
-                               outcome="rate_limited")
-        bucket.take(1, now)
+    async def state_view(self) -> StateView:
+        """Every configured breaker and bucket as the state store sees them (cluster-wide with Redis)."""
+        deployments, buckets = watched(self.snapshot.config)
+        return await self.state.view(deployments, buckets)
 
     def reload(self) -> bool:
         """Load both files again; keep the old config (and say why) when the new one is invalid."""
@@ -154,6 +157,8 @@ class Gateway:
         self.transport.retire(new.providers.values(), grace_s=self._longest_request_s + 5)
         if new.server.decision_log != self.decisions.destination:
             log.warning("decision_log destination changes take effect on restart")
+        if new.server.state != old.server.state:
+            log.warning("state changes take effect on restart")
         self.decisions.reopen()
         log.info("config reloaded", extra={"models": len(new.models), "rules": len(new.rules)})
         return True
@@ -174,15 +179,15 @@ class Gateway:
             log.exception("could not record a decision", extra={"request_id": decision.request_id})
 
     def _remember(self, decision: Decision) -> None:
-        recent = self.recent
-        recent[decision.request_id] = Served(decision.tier, decision.served_model, decision.rule, decision.key)
-        recent.move_to_end(decision.request_id)
-        while len(recent) > RECENT_REQUESTS:
-            recent.popitem(last=False)
+        """What feedback needs of a finished request, for `feedback_window_s` (in the background
+        with Redis, so any instance can take the score)."""
+        served = orjson.dumps([decision.tier, decision.served_model, decision.rule, decision.key])
+        self.state.remember(SERVED, decision.request_id, served, self.snapshot.config.server.feedback_window_s)
 
-    def feedback(self, request_id: str, score: float, key: GatewayKey | None) -> Served:
+    async def feedback(self, request_id: str, score: float, key: GatewayKey | None) -> Served:
         """Record a quality score against a finished request's tier, model and rule; 404 if unknown."""
-        served = self.recent.get(request_id)
+        raw = await self.state.recall(SERVED, request_id)
+        served = None if raw is None else Served(*orjson.loads(raw))
         if served is None or (key is not None and served.key != key.name):
             raise GatewayError(404, f"no recent request with id '{request_id}'", "invalid_request_error",
                                "request_not_found", "request_id", outcome="not_found")

@@ -1,8 +1,9 @@
 """Prometheus metrics, derived from the decision record once per request.
 
 Every counter and histogram moves in `observe`, called once when a request ends, so the
-streaming hot path never touches metrics. Breaker states and bucket levels are read at
-scrape time by a collector. Each Gateway owns its own registry: no process globals.
+streaming hot path never touches metrics. Breaker states, bucket levels and the state
+backend's health are handed to `render` at scrape time (a `StateView`, cluster-wide with
+Redis) and read by a collector. Each Gateway owns its own registry: no process globals.
 
 Label values stay bounded: models, rules and outcomes come from the config and the code;
 a tier the config does not know (an arbitrary `X-User-Tier` on an open gateway) is
@@ -15,17 +16,16 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Summary, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .breaker import STATE_VALUE
+from .state.store import ROUND_TRIP_BUCKETS_MS
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from .balancer import StateStore
     from .config import Config
     from .decisions import Decision, DecisionLog, Served
+    from .state import StateHealth, StateView
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _MS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
@@ -46,43 +46,67 @@ def known_tiers(config: Config) -> frozenset[str]:
 
 
 class _StateCollector(Collector):
-    def __init__(self, state: StateStore, clock: Callable[[], float], decisions: DecisionLog) -> None:
-        self.state = state
-        self.clock = clock
-        self.decisions = decisions
+    """Reads what `Metrics.render` was handed: the state view and the backend's health."""
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        state = self.state
+    def __init__(self, decisions: DecisionLog) -> None:
+        self.decisions = decisions
+        self.view: StateView | None = None
+        self.health: StateHealth | None = None
+
+    def collect(self) -> Iterator[Metric]:
         breakers = GaugeMetricFamily("llm_proxy_breaker_state",
                                      "Circuit breaker state per deployment (0 closed, 1 half-open, 2 open)",
                                      labels=["deployment"])
-        for deployment_id, breaker in sorted(state.all_breakers().items()):
-            breakers.add_metric([deployment_id], STATE_VALUE[breaker.state])
-        yield breakers
         levels = GaugeMetricFamily("llm_proxy_bucket_level",
                                    "Token bucket level: requests (rpm) or tokens (tpm) left now, by scope "
                                    "(deployment, provider, key)",
                                    labels=["scope", "id", "kind"])
-        now = self.clock()
-        for bucket_name, bucket in sorted(state.all_buckets().items()):
-            # "deployment:<id>:rpm", "provider:<name>:tpm", "key:<name>" (a key's own rpm)
-            scope, _, rest = bucket_name.partition(":")
-            owner, sep, kind = rest.rpartition(":")
-            if not sep or kind not in ("rpm", "tpm"):
-                owner, kind = rest, "rpm"
-            level = min(bucket.capacity, bucket.level + max(0.0, now - bucket.updated) * bucket.rate)
-            levels.add_metric([scope, owner, kind], level)
+        if self.view is not None:
+            for deployment_id, breaker in sorted(self.view.breakers.items()):
+                breakers.add_metric([deployment_id], STATE_VALUE[breaker.state])
+            for bucket_name, bucket in sorted(self.view.buckets.items()):
+                # "deployment:<id>:rpm", "provider:<name>:tpm", "key:<name>" (a key's own rpm)
+                scope, _, rest = bucket_name.partition(":")
+                owner, sep, kind = rest.rpartition(":")
+                if not sep or kind not in ("rpm", "tpm"):
+                    owner, kind = rest, "rpm"
+                levels.add_metric([scope, owner, kind], bucket.level)
+        yield breakers
         yield levels
-        dropped = GaugeMetricFamily("llm_proxy_decision_log_dropped",
-                                    "Decision records that could not be written", value=self.decisions.dropped)
-        yield dropped
+        yield GaugeMetricFamily("llm_proxy_decision_log_dropped", "Decision records that could not be written",
+                                value=self.decisions.dropped)
+        if self.health is not None:
+            yield from _health_metrics(self.health)
+
+
+def _health_metrics(health: StateHealth) -> Iterator[Metric]:
+    degraded = GaugeMetricFamily("llm_proxy_state_degraded", "1 while the shared state (Redis) is unreachable "
+                                 "and this process enforces its local share of every limit", labels=["backend"])
+    degraded.add_metric([health.backend], 1 if health.mode == "degraded" else 0)
+    yield degraded
+    switches = CounterMetricFamily("llm_proxy_state_switches", "Switches between shared and degraded mode, "
+                                   "by the mode switched to", labels=["mode"])
+    for mode in ("degraded", "shared"):
+        switches.add_metric([mode], health.switches.get(mode, 0))
+    yield switches
+    errors = CounterMetricFamily("llm_proxy_state_errors", "State backend calls that failed or timed out, "
+                                 "by operation", labels=["operation"])
+    for operation, count in sorted(health.errors.items()):
+        errors.add_metric([operation], count)
+    yield errors
+    cumulative, running = [], 0
+    for bound, count in zip((*ROUND_TRIP_BUCKETS_MS, float("inf")), health.round_trip_counts):
+        running += count
+        cumulative.append(("+Inf" if bound == float("inf") else str(bound), running))
+    yield HistogramMetricFamily("llm_proxy_state_round_trip_ms", "Round trip of state backend calls (ms)",
+                                buckets=cumulative, sum_value=health.round_trip_sum_ms)
 
 
 class Metrics:
-    """The gateway's metrics; handed the state store, the clock and the decision log it reads
-    at scrape time, never the gateway itself."""
+    """The gateway's metrics; handed the decision log, and at each scrape the state view and
+    health it reads, never the gateway itself."""
 
-    def __init__(self, state: StateStore, clock: Callable[[], float], decisions: DecisionLog) -> None:
+    def __init__(self, decisions: DecisionLog) -> None:
         self.tiers: frozenset[str] = _COMMON_TIERS
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -109,7 +133,8 @@ class Metrics:
                                  buckets=_US_BUCKETS, registry=r)
         self.quality = Summary("llm_proxy_quality_score", "Feedback scores (0-1) by tier, model and rule",
                                ["tier", "model", "rule"], registry=r)
-        r.register(_StateCollector(state, clock, decisions))
+        self._state = _StateCollector(decisions)
+        r.register(self._state)
 
     def configure(self, config: Config) -> None:
         self.tiers = known_tiers(config)
@@ -160,5 +185,6 @@ class Metrics:
     def observe_feedback(self, served: Served, score: float) -> None:
         self.quality.labels(self.tier(served.tier), served.model or "none", served.rule or "none").observe(score)
 
-    def render(self) -> bytes:
+    def render(self, view: StateView | None = None, health: StateHealth | None = None) -> bytes:
+        self._state.view, self._state.health = view, health
         return generate_latest(self.registry)

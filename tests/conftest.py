@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from proxy.server.app import create_app, make_runner
 from proxy.server.edge import GATEWAY
 from proxy.simulator import Simulator
 from proxy.simulator import start as start_simulator
+
+from .redis_support import RedisServer, started_redis
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = {"openai": "/openai/v1", "anthropic": "/anthropic/v1", "gemini": "/gemini/v1beta"}
@@ -202,3 +205,15 @@ def child_pids(pid: int) -> list[int]:
         return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+# --------------------------------------------------------------------------- a real redis-server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the session; tests keep apart by key prefix."""
+    server = started_redis()
+    yield server
+    server.stop()
+    shutil.rmtree(server.directory, ignore_errors=True)

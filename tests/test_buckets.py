@@ -9,12 +9,21 @@ import time
 import aiohttp
 import pytest
 
-from proxy.balancer import Balancer, MemoryState, Refusal, Reservation, TokenBucket, reservation_tokens
+from proxy.balancer import Balancer, Load, Refused, Reservation, reservation_tokens
 from proxy.breaker import BreakerPolicy
 from proxy.config import Deployment, Limits, Price, Provider, Timeouts
+from proxy.state import MemoryState, Outcome, TokenBucket
 
 from .conftest import Fleet, MakeGateway, model_entry
 from .streams import plain_chat
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def provider(name: str = "acct", limits: Limits = Limits()) -> Provider:
@@ -24,6 +33,13 @@ def provider(name: str = "acct", limits: Limits = Limits()) -> Provider:
 def deployment(name: str, weight: float = 1.0, limits: Limits = Limits(), price: float = 1.0,
                account: Provider | None = None) -> Deployment:
     return Deployment(f"m/{name}/0", account or provider(), name, weight, limits, Price(price, price))
+
+
+def setup(policy: BreakerPolicy | None = None, seed: int | None = None
+          ) -> tuple[MemoryState, Balancer, Clock]:
+    clock = Clock()
+    state = MemoryState(policy, clock=clock)
+    return state, Balancer(state, Load(), random.Random(seed)), clock
 
 
 def test_bucket_refills_at_its_rate_and_never_above_capacity() -> None:
@@ -37,105 +53,132 @@ def test_bucket_refills_at_its_rate_and_never_above_capacity() -> None:
     assert b.wait_s(1, 1000.0) == 0.0 and b.level == 60.0
 
 
-def test_reservation_is_capped_at_the_bucket_size_and_settled_with_real_usage() -> None:
-    state = MemoryState()
-    balancer = Balancer(state)
+async def test_reservation_is_capped_at_the_bucket_size_and_settled_with_real_usage() -> None:
+    state, balancer, clock = setup()
     d = deployment("a", limits=Limits(tpm=1000))
     tokens = reservation_tokens(100, 400)
     assert tokens == 500
-    r = balancer.choose([d], "weighted", tokens, 0.0, set())
+    r = await balancer.choose([d], "weighted", tokens, set())
     assert isinstance(r, Reservation)
     bucket = state.buckets["deployment:m/a/0:tpm"]
     assert bucket.level == 500
-    balancer.settle(r, 120, 0.0)                     # spent 120 of 500: 380 come back
+    balancer.settle(r, Outcome(120))                 # spent 120 of 500: 380 come back
     assert bucket.level == pytest.approx(880)
-    assert isinstance(balancer.choose([d], "weighted", 5000, 0.0, set()), Refusal)   # needs a full bucket
-    big = balancer.choose([d], "weighted", 5000, 60.0, set())     # full again: takes all of it
+    assert isinstance(await balancer.choose([d], "weighted", 5000, set()), Refused)   # needs a full bucket
+    clock.now = 60.0
+    big = await balancer.choose([d], "weighted", 5000, set())     # full again: takes all of it
     assert isinstance(big, Reservation) and bucket.level == pytest.approx(0)
-    balancer.settle(big, 1500, 60.0)                 # spent more than it could reserve: the bucket owes it
+    balancer.settle(big, Outcome(1500))              # spent more than it could reserve: the bucket owes it
     assert bucket.level == pytest.approx(-500)
-    refused = balancer.choose([d], "weighted", 10, 60.0, set())
-    assert isinstance(refused, Refusal) and refused.reason == "rate_limited"
-    assert refused.retry_after == pytest.approx((500 + 10) / (1000 / 60))
+    refused = await balancer.choose([d], "weighted", 10, set())
+    assert isinstance(refused, Refused) and refused.refusal.reason == "rate_limited"
+    assert refused.refusal.retry_after == pytest.approx((500 + 10) / (1000 / 60))
 
 
-def test_unknown_usage_keeps_the_reservation() -> None:
-    state = MemoryState()
-    balancer = Balancer(state)
+async def test_unknown_usage_keeps_the_reservation() -> None:
+    state, balancer, _ = setup()
     d = deployment("a", limits=Limits(tpm=1000))
-    r = balancer.choose([d], "weighted", 300, 0.0, set())
+    r = await balancer.choose([d], "weighted", 300, set())
     assert isinstance(r, Reservation)
-    balancer.settle(r, None, 0.0)
+    balancer.settle(r, Outcome(None))
     assert state.buckets["deployment:m/a/0:tpm"].level == 700
 
 
-def test_provider_account_bucket_is_shared_by_its_deployments() -> None:
-    state = MemoryState()
-    balancer = Balancer(state)
+async def test_provider_account_bucket_is_shared_by_its_deployments() -> None:
+    _, balancer, _ = setup()
     account = provider(limits=Limits(rpm=2))
     a, b = deployment("a", account=account), deployment("b", account=account)
     for _ in range(2):
-        assert isinstance(balancer.choose([a, b], "weighted", 1, 0.0, set()), Reservation)
-    refusal = balancer.choose([a, b], "weighted", 1, 0.0, set())
-    assert isinstance(refusal, Refusal) and refusal.reason == "rate_limited"
-    assert refusal.retry_after == pytest.approx(30.0)
+        assert isinstance(await balancer.choose([a, b], "weighted", 1, set()), Reservation)
+    refused = await balancer.choose([a, b], "weighted", 1, set())
+    assert isinstance(refused, Refused) and refused.refusal.reason == "rate_limited"
+    assert refused.refusal.retry_after == pytest.approx(30.0)
 
 
-def test_weighted_choice_follows_weights() -> None:
-    balancer = Balancer(MemoryState(), random.Random(7))
+async def test_a_share_scales_every_limit() -> None:
+    """`--workers 2` without Redis: each worker enforces half of each limit."""
+    clock = Clock()
+    state = MemoryState(clock=clock, share=0.5)
+    balancer = Balancer(state, Load())
+    d = deployment("a", limits=Limits(rpm=60, tpm=10_000))
+    admitted = 0
+    while isinstance(await balancer.choose([d], "weighted", 100, set()), Reservation):
+        admitted += 1
+    assert admitted == 30
+    refused = await balancer.choose([d], "weighted", 100, set())
+    assert isinstance(refused, Refused) and refused.refusal.retry_after == pytest.approx(2.0)   # 0.5 a second
+
+
+async def test_weighted_choice_follows_weights() -> None:
+    _, balancer, _ = setup(seed=7)
     heavy, light = deployment("heavy", weight=3), deployment("light", weight=1)
     picks = []
     for _ in range(2000):
-        r = balancer.choose([heavy, light], "weighted", 1, 0.0, set())
+        r = await balancer.choose([heavy, light], "weighted", 1, set())
         assert isinstance(r, Reservation)
         picks.append(r.deployment.upstream_model)
-        balancer.settle(r, 1, 0.0)
+        balancer.settle(r, Outcome(1))
     assert 0.70 < picks.count("heavy") / len(picks) < 0.80
 
 
-def test_weighted_choice_prefers_the_less_loaded() -> None:
-    state = MemoryState()
-    balancer = Balancer(state, random.Random(1))
+async def test_weighted_choice_among_the_admissible_follows_their_weights() -> None:
+    """The first admissible deployment of a weighted order is a weighted choice among the admissible."""
+    state, balancer, _ = setup(BreakerPolicy(consecutive=1, open_s=60), seed=3)
+    a, b, c = deployment("a", weight=1), deployment("b", weight=2), deployment("c", weight=6)
+    state.breaker(c.id).record_failure(0.0)         # c is open: a and b share 1:2
+    picks = []
+    for _ in range(3000):
+        r = await balancer.choose([a, b, c], "weighted", 1, set())
+        assert isinstance(r, Reservation)
+        picks.append(r.deployment.upstream_model)
+        balancer.settle(r, Outcome(1))
+    assert "c" not in picks
+    assert 0.62 < picks.count("b") / len(picks) < 0.71
+
+
+async def test_weighted_choice_prefers_the_less_loaded() -> None:
+    _, balancer, _ = setup(seed=1)
     a, b = deployment("a"), deployment("b")
-    state.stats(a.id).in_flight = 9                   # weight share 1/10 against 1/1
+    balancer.load.stats(a.id).in_flight = 9          # weight share 1/10 against 1/1
     to_a = 0
     for _ in range(300):
-        r = balancer.choose([a, b], "weighted", 1, 0.0, set())
+        r = await balancer.choose([a, b], "weighted", 1, set())
         assert isinstance(r, Reservation)
         to_a += r.deployment is a
-        balancer.settle(r, 1, 0.0)
+        balancer.settle(r, Outcome(1))
     assert to_a < 60                                  # about 1 in 11
 
 
-def test_least_loaded_cheapest_and_lowest_latency() -> None:
-    state = MemoryState()
-    balancer = Balancer(state)
+async def test_least_loaded_cheapest_and_lowest_latency() -> None:
+    _, balancer, _ = setup()
+    stats = balancer.load.stats
     a, b = deployment("a", price=5.0), deployment("b", price=1.0)
-    state.stats(b.id).in_flight = 2
-    pick = balancer.choose([a, b], "least_loaded", 1, 0.0, set())
+    stats(b.id).in_flight = 2
+    pick = await balancer.choose([a, b], "least_loaded", 1, set())
     assert isinstance(pick, Reservation) and pick.deployment is a
-    balancer.settle(pick, 1, 0.0)
-    pick = balancer.choose([a, b], "cheapest", 1, 0.0, set())
+    balancer.settle(pick, Outcome(1))
+    pick = await balancer.choose([a, b], "cheapest", 1, set())
     assert isinstance(pick, Reservation) and pick.deployment is b
-    balancer.settle(pick, 1, 0.0)
+    balancer.settle(pick, Outcome(1))
     for seconds in (0.9, 0.8):
-        state.stats(a.id).observe_ttft(seconds)
+        stats(a.id).observe_ttft(seconds)
     for seconds in (0.1, 2.0):                        # EWMA 0.48: still faster than a's 0.88
-        state.stats(b.id).observe_ttft(seconds)
-    pick = balancer.choose([a, b], "lowest_latency", 1, 0.0, set())
+        stats(b.id).observe_ttft(seconds)
+    pick = await balancer.choose([a, b], "lowest_latency", 1, set())
     assert isinstance(pick, Reservation) and pick.deployment is b
 
 
-def test_open_breakers_are_skipped_and_the_oldest_is_named() -> None:
-    state = MemoryState(policy=BreakerPolicy(consecutive=1, open_s=10.0))
-    balancer = Balancer(state)
+async def test_open_breakers_are_skipped_and_the_oldest_is_named() -> None:
+    state, balancer, clock = setup(BreakerPolicy(consecutive=1, open_s=10.0))
     a, b, c = deployment("a"), deployment("b"), deployment("c")
     state.breaker(b.id).record_failure(1.0)
     state.breaker(a.id).record_failure(2.0)
-    pick = balancer.choose([a, b, c], "weighted", 1, 3.0, set())
+    clock.now = 3.0
+    pick = await balancer.choose([a, b, c], "weighted", 1, set())
     assert isinstance(pick, Reservation) and pick.deployment is c
-    refusal = balancer.choose([a, b, c], "weighted", 1, 3.0, {c.id})
-    assert isinstance(refusal, Refusal) and refusal.reason == "breaker_open" and refusal.longest_open is b
+    refused = await balancer.choose([a, b, c], "weighted", 1, {c.id})
+    assert isinstance(refused, Refused) and refused.refusal.reason == "breaker_open" and refused.longest_open is b
+    assert refused.refusal.open_for == pytest.approx(2.0) and refused.refusal.open_wait == pytest.approx(8.0)
 
 
 async def test_rpm_burst_overflows_to_the_fallback_without_a_429(fleet: Fleet, make_gateway: MakeGateway) -> None:

@@ -17,7 +17,7 @@ PROTOCOLS = ("openai", "anthropic", "gemini")
 
 
 def in_flight(gw: Any) -> int:
-    return sum(s.in_flight for s in gw.gateway.state.statistics.values())
+    return sum(s.in_flight for s in gw.gateway.load.statistics.values())
 
 
 BAD_SHAPES: list[tuple[str, dict[str, Any]]] = [

@@ -182,14 +182,14 @@ async def test_feedback_needs_the_key_that_made_the_request(make_gateway, tmp_pa
 
 async def test_feedback_remembers_a_bounded_number_of_requests(make_gateway, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("proxy.gateway.RECENT_REQUESTS", 3)
+    monkeypatch.setattr("proxy.state.memory.MEMO_LIMIT", 3)
     gw = await make_gateway({"good": model_entry("good-n1")})
     async with aiohttp.ClientSession() as s:
         for i in range(5):
             async with s.post(gw.base + "/chat/completions", json={"model": "good", "messages": MESSAGES},
                               headers={"X-Request-Id": f"n{i}"}) as r:
                 assert r.status == 200
-        assert list(gw.gateway.recent) == ["n2", "n3", "n4"]
+        assert list(gw.gateway.state.memos["served"]) == ["n2", "n3", "n4"]     # type: ignore[attr-defined]
         async with s.post(gw.base + "/feedback", json={"request_id": "n0", "score": 1}) as r:
             assert r.status == 404
         async with s.post(gw.base + "/feedback", json={"request_id": "n4", "score": 1}) as r:

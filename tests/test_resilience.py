@@ -338,7 +338,7 @@ async def test_client_leaving_mid_stream_releases_the_upstream(fleet: Fleet, mak
     assert seen.disconnected_at is not None and not seen.completed
     assert [r.outcome for r in records] == ["client_disconnected"]
     assert [a.failure for a in records[0].attempts] == ["client_disconnected"]
-    assert gw.gateway.state.stats("primary/sim-openai/0").in_flight == 0
+    assert gw.gateway.load.stats("primary/sim-openai/0").in_flight == 0
     assert gw.gateway.state.breaker("primary/sim-openai/0").state == "closed"
 
 
@@ -421,4 +421,4 @@ async def test_a_request_one_protocol_cannot_express_goes_to_a_candidate_that_ca
     assert status == 400 and body["error"]["code"] == "unsupported_parameter" and "n > 1" in body["error"]["message"]
     assert not fleet.sim.requests_for("c-n5")
     assert records[0].skipped[-1]["model"] == "claude" and not records[1].attempts
-    assert gw.gateway.state.stats("claude/sim-anthropic/0").in_flight == 0
+    assert gw.gateway.load.stats("claude/sim-anthropic/0").in_flight == 0

@@ -217,8 +217,8 @@ async def test_store_false_keeps_nothing_and_entries_expire(make_gateway: MakeGa
     _, _, raw = await post(gw, {**ASK, "stream": True})
     kept = events(raw)[-1]["response"]
     assert (await post(gw, {**ASK, "previous_response_id": kept["id"]}))[0] == 200
-    memos = gw.gateway.memos
-    real_clock = memos.clock
+    memos = gw.gateway.state                # the memory backend: its clock decides expiry
+    real_clock = memos.clock                # type: ignore[attr-defined]
     memos.clock = lambda: real_clock() + gw.gateway.snapshot.config.server.responses_ttl_s + 1
     status, _, raw = await post(gw, {**ASK, "previous_response_id": kept["id"]})
     assert status == 404 and "expired" in openai_error(raw)["message"]

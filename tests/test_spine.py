@@ -135,7 +135,7 @@ async def test_client_disconnect_releases_upstream_within_a_second(make_gateway:
     assert seen.disconnected_at - closed_at < 1.0
     assert not seen.completed
     await asyncio.sleep(0.05)
-    assert all(s.in_flight == 0 for s in gw.gateway.state.statistics.values())  # type: ignore[attr-defined]
+    assert all(s.in_flight == 0 for s in gw.gateway.load.statistics.values())  # type: ignore[attr-defined]
 
 
 async def test_models_health_ready(make_gateway: MakeGateway) -> None:

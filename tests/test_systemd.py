@@ -73,6 +73,21 @@ def test_decision_log_directory_stays_writable(tmp_path: Path) -> None:
     assert unit["AmbientCapabilities"] == ["CAP_NET_BIND_SERVICE"]   # port 443
 
 
+def test_a_local_redis_comes_first_and_its_password_goes_to_the_env_file(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+    data = yaml.safe_load(ROUTES.read_text())
+    data.setdefault("server", {})["state"] = {"url": "unix:///run/redis/redis-server.sock",
+                                              "password_env": "LLM_PROXY_REDIS_PASSWORD", "instances": 2}
+    routes.write_text(yaml.safe_dump(data))
+    done = _run(tmp_path, routes)
+    assert done.returncode == 0, done.stderr
+    assert _settings(done.stdout)["After"] == ["network-online.target redis-server.service"]
+    assert "LLM_PROXY_REDIS_PASSWORD=" in done.stderr and "/etc/llm-proxy/llm-proxy.env" in done.stderr
+    data["server"]["state"] = {"url": "redis://10.0.0.7:6379/0"}      # another host: no ordering to add
+    routes.write_text(yaml.safe_dump(data))
+    assert _settings(_run(tmp_path, routes).stdout)["After"] == ["network-online.target"]
+
+
 def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         if os.environ.get("LLM_PROXY_REQUIRE_SYSTEMD_ANALYZE"):

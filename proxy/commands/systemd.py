@@ -14,6 +14,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from ..config import Config
 from . import load_or_exit, port_number, positive_int
@@ -53,10 +54,12 @@ def render(config: Config, *, host: str, port: int, workers: int, user: str, env
     home = any(_under_home(Path(p)) for p in (*read_paths, *write_paths, sys.executable))
     stop_s = math.ceil(config.server.drain_timeout_s) + STOP_MARGIN_S
     low_port = port < 1024
+    # A Redis on this host (server.state): start after it, so the gateway starts shared, not degraded.
+    after = "network-online.target" + (" redis-server.service" if local_redis(config.server.state.url) else "")
     lines = [
         "[Unit]",
         f"Description={description}",
-        "After=network-online.target",
+        f"After={after}",
         "Wants=network-online.target",
         "",
         "[Service]",
@@ -107,6 +110,15 @@ def render(config: Config, *, host: str, port: int, workers: int, user: str, env
     return "\n".join(lines)
 
 
+def local_redis(url: str) -> bool:
+    """Whether `server.state` names a Redis on this host (a unix socket or a loopback address)."""
+    if url == "memory":
+        return False
+    parts = urlsplit(url)
+    return parts.scheme == "unix" or parts.hostname in ("localhost", "::1") or \
+        (parts.hostname or "").startswith("127.")
+
+
 def cmd_systemd_unit(args: argparse.Namespace) -> int:
     from ..server.app import is_loopback
 
@@ -118,6 +130,13 @@ def cmd_systemd_unit(args: argparse.Namespace) -> int:
     elif not config.auth_required:
         print("note: routes.yaml has no keys: section, so the unit serves on 127.0.0.1 only; add keys to "
               "serve other hosts", file=sys.stderr)
+    state = config.server.state
+    if state.shared and state.password_env:
+        print(f"note: put {state.password_env}=<the Redis password> in {args.env_file}; the unit reads it "
+              "from there", file=sys.stderr)
+    if state.url.startswith("unix:") and urlsplit(state.url).path.startswith(("/tmp/", "/var/tmp/")):
+        print("warning: the unit has a private /tmp (PrivateTmp=yes), so it cannot reach a Redis socket "
+              "there; put the socket under /run (Debian: /run/redis/redis-server.sock)", file=sys.stderr)
     print(render(config, host=host, port=args.port, workers=args.workers, user=args.user,
                  env_file=os.path.abspath(args.env_file)), end="")
     return 0

@@ -16,10 +16,11 @@ A surface (chat completions, responses, messages) supplies only what differs, as
 
 Everything else happens here, once, the same for every API: one decision record per
 request whatever happens (answered, refused, failed upstream, abandoned, cut off by the
-drain), the key's limits, the same rules, chains, buckets and breakers (`routing.decide`,
-the dispatcher), the commit point (dispatch: nothing reaches the client before the first
-content, so a failover before it is invisible), and an honest end after the commit: the
-surface's error event, never a clean close that looks complete.
+drain), the key's limits (its rpm reserved by the dispatcher with the first deployment), the
+same rules, chains, buckets and breakers (`routing.decide`, the dispatcher), the commit
+point (dispatch: nothing reaches the client before the first content, so a failover before
+it is invisible), and an honest end after the commit: the surface's error event, never a
+clean close that looks complete.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from ..errors import GatewayError
 from ..gateway import Gateway
 from ..server.edge import CLIENT_CLOSED, GATEWAY, SSEWriter, decode_json, error_response, request_id, send_now
 from ..streaming import ClientGone
-from .routing import admit_and_read, answer_headers, decide
+from .routing import answer_headers, authenticate_and_read, decide
 
 log = logging.getLogger("proxy.inbound")
 
@@ -90,8 +91,7 @@ async def serve(request: web.Request, surface: Surface) -> web.StreamResponse:
     assert task is not None
     gateway.in_flight.add(task)                 # the drain waits for this set to empty
     try:
-        key, raw = await admit_and_read(request, snapshot, decision, surface.authorization(request.headers),
-                                        gateway.admit)
+        key, raw = await authenticate_and_read(request, snapshot, decision, surface.authorization(request.headers))
         call = await surface.decode(decode_json(raw), raw, key, gateway)
         encoder = call.encoder
         signals, plan = decide(snapshot, key, request.headers, call.body, decision)

@@ -49,7 +49,7 @@ from .messages_answer import MessagesEncoder, error_body
 
 __all__ = ["count_tokens", "error_body", "messages"]
 from .messages_request import check, to_chat
-from .routing import admit_and_read, answer_headers, decide
+from .routing import answer_headers, authenticate_and_read, decide
 
 FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 COUNT_SOURCE = "X-Token-Count-Source"
@@ -99,7 +99,8 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     snapshot = gateway.snapshot
     decision = Decision(request_id(request), gateway.clock(), api="messages.count_tokens")
     try:
-        key, raw = await admit_and_read(request, snapshot, decision, authorization(request.headers), gateway.admit)
+        key, raw = await authenticate_and_read(request, snapshot, decision, authorization(request.headers))
+        await gateway.admit_key(key)        # no deployment is admitted for a count: the key's rpm alone
         translated = to_chat(check(decode_json(raw), count_only=True))
         signals, plan = decide(snapshot, key, request.headers, translated.body, decision)
         estimate = signals.input_tokens + translated.extra_tokens

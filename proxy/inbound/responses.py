@@ -6,8 +6,8 @@ chat, and the answer is encoded as a response object or the Responses event stre
 (`responses_output`). Errors are OpenAI's shape, as for chat.
 
 State. The gateway issues its own response ids. Unless the request says `store: false`,
-what a follow-up needs is kept in the gateway's memos (scope "responses") for
-`server.responses_ttl_s`: the response object (for `GET`) and the conversation as chat
+what a follow-up needs is kept in the state store's memos (scope "responses", shared by
+every instance with Redis) for `server.responses_ttl_s`: the response object (for `GET`) and the conversation as chat
 messages, the earlier history included, without the instructions (which, as in OpenAI's
 API, a follow-up does not inherit). Entries are scoped to the gateway key that created
 them: another key, like an unknown, expired, deleted or unstored id, gets 404
@@ -30,8 +30,8 @@ from aiohttp import web
 from ..config import GatewayKey
 from ..errors import GatewayError
 from ..gateway import Gateway
-from ..memos import Memos
 from ..server.edge import GATEWAY, error_response, json_response, request_id
+from ..state import Memos
 from .lifecycle import Call, handler
 from .responses_input import item_references, parse_request
 from .responses_output import ResponsesEncoder, ResponseShape
@@ -88,7 +88,7 @@ class Responses:
         return err.body()
 
     async def decode(self, body: Any, raw: bytes, key: GatewayKey | None, gateway: Gateway) -> Call:
-        stored = Stored(gateway.memos, key)
+        stored = Stored(gateway.state, key)
         references = item_references(body)
         request = parse_request(body, await stored.items(references) if references else None)
         history: list[dict[str, Any]] = []
@@ -127,7 +127,7 @@ def _stored(request: web.Request) -> Stored | web.Response:
         key = gateway.snapshot.authenticate(request.headers.get("Authorization"))
     except GatewayError as err:
         return error_response(err, {"X-Request-Id": request_id(request)})
-    return Stored(gateway.memos, key)
+    return Stored(gateway.state, key)
 
 
 def _not_found(request: web.Request) -> web.Response:

@@ -1,12 +1,13 @@
 """Routing a client request, shared by every inbound API, `/v1/route` and `llm-proxy explain`:
-authenticate, admit the key, read the body once, extract the signals, plan, and note it all
-in the request's decision record.
+authenticate, read the body once, extract the signals, plan, and note it all in the
+request's decision record. (A key's own `rpm` is reserved later, with the first deployment
+the attempt loop admits: one state call, and a refused request costs the key nothing.)
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -60,24 +61,20 @@ def route_view(plan: Plan, decision: Decision) -> dict[str, Any]:
     return {**plan.to_json(), "tier": decision.tier, "key": decision.key, "signals": decision.signals}
 
 
-async def read_and_decide(request: web.Request, snapshot: Snapshot, decision: Decision,
-                          admit: Callable[[GatewayKey | None], None] | None = None
+async def read_and_decide(request: web.Request, snapshot: Snapshot, decision: Decision
                           ) -> tuple[dict[str, Any], Signals, Plan]:
     """A chat body's whole way to a plan (/v1/route, `explain`)."""
-    key, raw = await admit_and_read(request, snapshot, decision, request.headers.get("Authorization"), admit)
+    key, raw = await authenticate_and_read(request, snapshot, decision, request.headers.get("Authorization"))
     body = decode_json(raw)
     signals, plan = decide(snapshot, key, request.headers, body, decision)
     return body, signals, plan
 
 
-async def admit_and_read(request: web.Request, snapshot: Snapshot, decision: Decision, authorization: str | None,
-                         admit: Callable[[GatewayKey | None], None] | None = None
-                         ) -> tuple[GatewayKey | None, bytes]:
-    """The key (401 before any body is read), its own rpm (429), then the body's bytes (413, 408)."""
+async def authenticate_and_read(request: web.Request, snapshot: Snapshot, decision: Decision,
+                                authorization: str | None) -> tuple[GatewayKey | None, bytes]:
+    """The key (401 before any body is read), then the body's bytes (413, 408)."""
     key = snapshot.authenticate(authorization)
     decision.key = key.name if key is not None else None                # known even if the body is bad
-    if admit is not None:
-        admit(key)
     server = snapshot.config.server
     return key, await read_body(request, server.max_body_bytes, server.body_timeout_s)
 

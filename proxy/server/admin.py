@@ -57,7 +57,7 @@ async def feedback(request: web.Request) -> web.Response:
     try:
         key = snapshot.authenticate(request.headers.get("Authorization"))
         rid, score = feedback_fields(await read_json(request, FEEDBACK_MAX_BYTES))
-        gateway.feedback(rid, score, key)
+        await gateway.feedback(rid, score, key)
     except GatewayError as err:
         return error_response(err, {})
     except ClientGone:
@@ -114,9 +114,10 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
+    state = gateway.state.health.detail()       # Redis away: still ready, serving on local shares
     if gateway.ready and not gateway.draining:
-        return json_response({"status": "ready"})
-    return json_response({"status": "draining" if gateway.draining else "starting"}, status=503)
+        return json_response({"status": "ready", "state": state})
+    return json_response({"status": "draining" if gateway.draining else "starting", "state": state}, status=503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -127,4 +128,5 @@ async def metrics(request: web.Request) -> web.Response:
         gateway.snapshot.authenticate_admin(request.headers.get("Authorization"))
     except GatewayError as err:
         return error_response(err, {})
-    return web.Response(body=gateway.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+    body = gateway.metrics.render(await gateway.state_view(), gateway.state.health)
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})

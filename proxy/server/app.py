@@ -148,9 +148,10 @@ async def drain(gateway: Gateway, runner: web.AppRunner, deadline_s: float) -> N
 
 
 async def run_server(config: Config, host: str, port: int, reuse_port: bool = False,
-                     sock: socket.socket | None = None) -> int:
-    """Serve until SIGTERM/SIGINT, then drain. Returns the exit code."""
-    gateway = Gateway(config)
+                     sock: socket.socket | None = None, workers: int = 1) -> int:
+    """Serve until SIGTERM/SIGINT, then drain. Returns the exit code. `workers` is how many
+    processes share the port: without Redis each enforces 1/workers of every limit."""
+    gateway = Gateway(config, workers=workers)
     gateway.keys_required = config.auth_required and not is_loopback(host)
     app = create_app(config, gateway)
     runner = make_runner(app)
@@ -175,7 +176,8 @@ async def run_server(config: Config, host: str, port: int, reuse_port: bool = Fa
     loop.add_signal_handler(signal.SIGINT, stop.set)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)       # blocked around a worker's fork
     log.info("listening", extra={"address": site.name, "pid": os.getpid(),
-                                 "auth": "keys" if config.auth_required else "off"})
+                                 "auth": "keys" if config.auth_required else "off",
+                                 "state": gateway.state.health.mode})
     await stop.wait()
     deadline = gateway.snapshot.config.server.drain_timeout_s    # the current config's, after reloads
     log.info("draining", extra={"deadline_s": deadline, "in_flight": len(gateway.in_flight), "pid": os.getpid()})
@@ -199,6 +201,6 @@ def serve(config: Config, host: str, port: int, workers: int = 1) -> int:
                 current = config_module.load(config.providers_path, config.routes_path)
             except config_module.ConfigError as exc:
                 log.error("config invalid, the new worker uses the one read at start", extra={"reason": str(exc)})
-        return uvloop.run(run_server(current, host, port, reuse_port=True))
+        return uvloop.run(run_server(current, host, port, reuse_port=True, workers=workers))
 
     return supervise(workers, run_worker)

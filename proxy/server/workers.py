@@ -4,7 +4,8 @@ The parent forwards SIGHUP (reload) and SIGTERM/SIGINT (drain) to every worker a
 when all have stopped. A worker that dies on its own is replaced, unless it died within
 `MIN_LIFETIME_S` of its start (a bind or config failure would only repeat): then the
 others are drained and the parent exits non-zero, so systemd's Restart=on-failure acts.
-Each worker has its own Gateway, so breakers and buckets are per process.
+Each worker has its own Gateway: without Redis its breakers and buckets are its own, and it
+enforces 1/N of every limit (see proxy.state); with Redis they are shared.
 """
 
 from __future__ import annotations

@@ -1,0 +1,166 @@
+"""`SharedState`: Redis while it answers, this process's local shares while it does not.
+
+Every Redis call is bounded (`timeout_ms`, 50 by default). The first one that fails or
+times out switches the instance to degraded mode: from then on admissions, settles and
+memos are served at once by a `MemoryState` that enforces this process's share of every
+limit (1 / (expected instances x workers)), so no request waits on or fails because of
+Redis. A background task pings Redis once a second; when it answers, the local buckets'
+spending not yet refilled is handed back to the shared buckets (so the return does not
+admit a second full minute's worth), and the instance is shared again. Each switch is
+logged, counted in metrics and shown in /readyz.
+
+What stays local even while shared: load statistics (in flight, latency), which steer
+only this instance's choices. Breakers learned locally during an outage are not merged
+back: the shared breakers take over again as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+
+from ..breaker import BreakerPolicy
+from .memory import MemoryState, done
+from .redis_store import RedisState, StateUnavailable
+from .store import Admission, Grant, Outcome, Refusal, StateView
+
+log = logging.getLogger("proxy.state")
+
+RECOVERY_INTERVAL_S = 1.0
+
+
+class SharedState:
+    def __init__(self, shared: RedisState, local: MemoryState, *, recovery_interval_s: float = RECOVERY_INTERVAL_S
+                 ) -> None:
+        self.shared = shared
+        self.local = local
+        self.health = shared.health
+        self.health.backend = "redis"
+        self.recovery_interval_s = recovery_interval_s
+        shared.on_failure = self.degrade
+        self._recovery: asyncio.Task[None] | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return self.health.mode == "degraded"
+
+    async def start(self) -> None:
+        self._switch("shared", None, quiet=True)
+        try:
+            await self.shared.start()
+        except StateUnavailable as exc:
+            self.degrade(str(exc))
+
+    async def close(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            self._recovery = None
+        await self.shared.close()
+
+    def set_breaker_policy(self, policy: BreakerPolicy) -> None:
+        self.shared.set_breaker_policy(policy)
+        self.local.set_breaker_policy(policy)
+
+    # ------------------------------------------------------------------ the switch
+
+    def degrade(self, reason: str) -> None:
+        """Serve from local shares from now on; a background task watches for Redis to return."""
+        if self.degraded:
+            return
+        self._switch("degraded", reason)
+        log.warning("shared state unreachable, enforcing this process's share of every limit",
+                    extra={"reason": reason, "share": round(self.local.share, 6)})
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.get_running_loop().create_task(self._recover())
+
+    def _switch(self, mode: str, reason: str | None, quiet: bool = False) -> None:
+        health = self.health
+        health.mode, health.reason, health.since = mode, reason, time.time()
+        if not quiet:
+            health.switches[mode] = health.switches.get(mode, 0) + 1
+
+    async def _recover(self) -> None:
+        while self.degraded:
+            await asyncio.sleep(self.recovery_interval_s)
+            try:
+                await self.shared.ping()
+                await self.shared.start()           # its scripts, in case Redis restarted empty
+                await self.shared.charge(self._local_spending())
+            except StateUnavailable:
+                continue
+            self.local.buckets.clear()
+            since = self.health.since
+            self._switch("shared", None)
+            log.info("shared state reachable again", extra={"degraded_s": round(time.time() - since, 3)})
+
+    def _local_spending(self) -> dict[str, tuple[int, float]]:
+        """What each local bucket spent and has not refilled yet, at the full limit's scale."""
+        now = self.local.clock()
+        share = self.local.share
+        out = {}
+        for name, bucket in self.local.buckets.items():
+            spent = bucket.capacity - bucket.level_at(now)
+            if spent > 0:
+                out[name] = (round(bucket.capacity / share), spent)
+        return out
+
+    # ------------------------------------------------------------------ the interface
+
+    async def admit(self, admission: Admission) -> Grant | Refusal:
+        if not self.degraded:
+            try:
+                answer = await self.shared.admit(admission)
+            except StateUnavailable as exc:
+                self.degrade(str(exc))
+            else:
+                if isinstance(answer, Grant):
+                    answer.owner = self.shared
+                return answer
+        answer = self.local.admit_now(admission)
+        if isinstance(answer, Grant):
+            answer.owner = self.local
+        return answer
+
+    def settle(self, grant: Grant, outcome: Outcome) -> asyncio.Future[str]:
+        if grant.owner is self.local:
+            return self.local.settle(grant, outcome)
+        if not self.degraded:
+            return self.shared.settle(grant, outcome)
+        return done("")     # granted by Redis, which is away now: the reservation stays spent until it refills
+
+    async def view(self, breakers: Iterable[str], buckets: Mapping[str, int]) -> StateView:
+        breakers = list(breakers)
+        if not self.degraded:
+            try:
+                return await self.shared.view(breakers, buckets)
+            except StateUnavailable as exc:
+                self.degrade(str(exc))
+        return await self.local.view(breakers, buckets)
+
+    def remember(self, scope: str, key: str, value: bytes, ttl_s: float) -> asyncio.Future[bool]:
+        if self.degraded:
+            return self.local.remember(scope, key, value, ttl_s)
+        return self.shared.remember(scope, key, value, ttl_s)
+
+    async def recall(self, scope: str, key: str) -> bytes | None:
+        if not self.degraded:
+            try:
+                value = await self.shared.recall(scope, key)
+            except StateUnavailable as exc:
+                self.degrade(str(exc))
+            else:
+                if value is not None:
+                    return value
+        return self.local.recall_now(scope, key)       # also what was remembered during an outage
+
+    def forget(self, scope: str, key: str) -> asyncio.Future[bool]:
+        local = self.local.forget(scope, key)           # also what was remembered during an outage
+        if self.degraded:
+            return local
+        return asyncio.ensure_future(self._forget_both(local, self.shared.forget(scope, key)))
+
+    @staticmethod
+    async def _forget_both(local: asyncio.Future[bool], shared: asyncio.Future[bool]) -> bool:
+        return any(await asyncio.gather(local, shared))
