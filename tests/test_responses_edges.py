@@ -136,6 +136,7 @@ async def test_every_status_of_the_chat_path_in_openai_shape(make_gateway: MakeG
         (await post(gw, ASK, "gw-unknown"), 401, "invalid_api_key"),
         (await post(gw, {**ASK, "model": "ok"}, BATCH_KEY), 403, "model_not_allowed"),
         (await post(gw, ASK, BATCH_KEY), 200, None),
+        (await post(gw, ASK, BATCH_KEY), 200, None),       # the 403 cost the key nothing (rpm 2)
         (await post(gw, ASK, BATCH_KEY), 429, "key_rate_limited"),
         (await post(gw, {**ASK, "model": "nope"}, WEB_KEY), 404, "model_not_found"),
         (await post(gw, {**ASK, "input": "x" * 4096}, WEB_KEY), 413, "request_too_large"),
@@ -153,7 +154,7 @@ async def test_every_status_of_the_chat_path_in_openai_shape(make_gateway: MakeG
         if want_code is not None:
             assert openai_error(body)["code"] == want_code
             assert WEB_KEY not in body.decode() and "sk-sim" not in body.decode()
-    assert expected[4][0][1]["Retry-After"]
+    assert expected[5][0][1]["Retry-After"]
     records = await settled_records(gw.gateway, log, len(expected))
     assert len(records) == len(expected) and {r["api"] for r in records} == {"responses"}
     assert [r["status"] for r in records] == [status for _, status, _ in expected]
