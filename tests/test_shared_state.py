@@ -85,7 +85,7 @@ async def test_a_key_rpm_and_deployment_limits_hold_across_instances(
     monkeypatch.setenv("WEB_KEY", "gw-web-key-0001")
     limited = model_entry("lim-n2", deployments=[{"provider": "sim-openai", "model": "lim-n2", "limits": {"rpm": 6}}])
     keys = [{"name": "batch", "key_env": "BATCH_KEY", "tier": "standard", "rpm": 4},
-            {"name": "web", "key_env": "WEB_KEY", "tier": "standard"}]
+            {"name": "web", "key_env": "WEB_KEY", "tier": "standard", "admin": True}]
     one, two = await two_gateways(make_gateway, redis_server, {"lim": limited, "free": model_entry("free-n2")},
                                   keys=keys, chains={"main": ["lim"], "open": ["free"]})
     auth = {"Authorization": "Bearer gw-batch-key-0001"}
@@ -108,7 +108,7 @@ async def test_a_key_rpm_and_deployment_limits_hold_across_instances(
                 served.append(r.status)
         assert served.count(200) == 6 and served.count(429) == 2
         assert len(fleet.sim.requests_for("lim-n2")) == 6
-        samples = await scrape(s, one.url)
+        samples = await scrape(s, one.url, {"Authorization": "Bearer gw-web-key-0001"})
         async with s.get(two.url + "/readyz") as r:
             ready = await r.json()
     assert ready["state"]["backend"] == "redis" and ready["state"]["mode"] == "shared"
