@@ -18,6 +18,7 @@ from proxy.sse import SSEParser
 
 from .conftest import MakeGateway, RunningGateway, model_entry
 from .decision_log_support import settled_records
+from .test_shared_state import two_gateways
 
 WEB_KEY, BATCH_KEY = "gw-web-0123456789abcdef", "gw-batch-fedcba9876543210"
 ASK = {"model": "main", "input": "hello"}
@@ -253,3 +254,19 @@ async def test_item_references_replay_stored_output_items(make_gateway: MakeGate
     assert (await call(gw, "DELETE", f"/responses/{stored['id']}"))[0] == 200
     status, _, raw = await post(gw, {**ASK, "input": [{"type": "item_reference", "id": stored["output"][0]["id"]}]})
     assert status == 404                                    # its items went with the response
+
+
+async def test_stored_responses_are_shared_through_redis(make_gateway: MakeGateway, redis_server: Any) -> None:
+    """Two instances on one Redis: a follow-up, a reference and a read may reach either, at once
+    (the store is written before the client sees the end, so no wait is needed)."""
+    one, two = await two_gateways(make_gateway, redis_server, {"ok": model_entry("r-n3")})
+    _, _, raw = await post(one, {"model": "ok", "input": "Hi, I am Ada.", "stream": True})
+    first = events(raw)[-1]["response"]
+    status, _, raw = await post(two, {"model": "ok", "input": "Who am I?", "previous_response_id": first["id"]})
+    assert status == 200, raw
+    status, _, raw = await post(two, {"model": "ok", "input": [
+        {"type": "item_reference", "id": first["output"][0]["id"]}, {"role": "user", "content": "And?"}]})
+    assert status == 200, raw
+    assert (await call(two, "GET", f"/responses/{first['id']}"))[1]["output"] == first["output"]
+    assert (await call(two, "DELETE", f"/responses/{first['id']}"))[0] == 200
+    assert (await call(one, "GET", f"/responses/{first['id']}"))[0] == 404
