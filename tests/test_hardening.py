@@ -240,3 +240,24 @@ async def test_a_client_that_stops_reading_a_stream_is_cut_within_idle_s(make_ga
             break
         await asyncio.sleep(0.05)
     assert fleet.sim.requests_for("ok-n200000")[0].disconnected_at is not None
+
+
+async def test_a_client_that_will_not_read_a_plain_answer_is_cut_within_idle_s(make_gateway: MakeGateway) -> None:
+    """A whole answer's write is bounded like a stream's: by the serving provider's idle_s, not
+    by the request's much longer deadline."""
+    gw = await make_gateway({"m": model_entry("ok-n600000")},
+                            {"chains": {"main": ["m"]}, "default": "main", "server": {"request_timeout_s": 60}},
+                            timeouts={"connect_s": 1, "first_token_s": 20, "idle_s": 1, "total_s": 60})
+    records: list[Any] = []
+    gw.gateway.decisions.record = records.append       # type: ignore[method-assign]
+    reader, writer = await _raw_post(int(gw.url.rsplit(":", 1)[1]), orjson.dumps({"model": "m", "messages": [USER]}))
+    writer.transport.pause_reading()
+    for _ in range(600):                                # until the request is over (30 s at most)
+        if records:
+            break
+        await asyncio.sleep(0.05)
+    duration_s = records[0].duration_ms / 1000
+    upstream_s = records[0].attempts[0].duration_s
+    writer.close()
+    assert records[0].outcome == "client_disconnected"
+    assert duration_s - upstream_s < 1 + 2, f"the write was held {duration_s - upstream_s:.1f}s with idle_s 1"

@@ -39,7 +39,7 @@ from ..decisions import CLIENT_DISCONNECTED, Decision
 from ..dispatch import Exchange
 from ..encoding import Encoder
 from ..errors import GatewayError
-from ..gateway import Gateway
+from ..gateway import Gateway, Snapshot
 from ..server.edge import CLIENT_CLOSED, GATEWAY, SSEWriter, decode_json, error_response, request_id, send_now
 from ..streaming import ClientGone
 from .routing import answer_headers, authenticate_and_read, decide
@@ -106,7 +106,7 @@ async def serve(request: web.Request, surface: Surface) -> web.StreamResponse:
         payload = await snapshot.dispatcher.run(exchange, None)
         assert payload is not None
         plain = web.Response(body=payload, headers=answer_headers(decision), content_type="application/json")
-        return await send_now(request, plain, deadline - gateway.clock())
+        return await send_now(request, plain, _write_bound(snapshot, decision, deadline - gateway.clock()))
     except GatewayError as err:
         decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
         response = error_response(err, answer_headers(decision), surface.error_body(err))
@@ -152,6 +152,14 @@ async def serve(request: web.Request, surface: Surface) -> web.StreamResponse:
         if decision.outcome == "ok" and decision.served_model is None:
             decision.outcome = "error"
         gateway.finish(decision)
+
+
+def _write_bound(snapshot: Snapshot, decision: Decision, remaining_s: float) -> float:
+    """How long a whole answer may take to leave: the serving provider's idle_s, as for a
+    stream (a client that takes nothing for that long has stopped reading and must not pin
+    the handler), and never past the request's deadline."""
+    provider = snapshot.config.providers.get(decision.served_provider or "")
+    return remaining_s if provider is None else min(remaining_s, provider.timeouts.idle_s)
 
 
 async def _cut_off(surface: Surface, writer: SSEWriter | None, encoder: Encoder | None, decision: Decision
