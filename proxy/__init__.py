@@ -7,7 +7,8 @@ A map of the package, a line per room:
                 (systemd-unit); __init__ holds the helpers they share
   server/       the HTTP layer: app (wiring, serving loop, signals, the drain), edge (body
                 decoding, request ids, JSON and SSE answers, error middleware), admin (route,
-                feedback, models, health, metrics), cors (browser clients), workers (--workers N)
+                feedback, models, health, metrics), cors (browser clients), workers (--workers N),
+                connections (head and keep-alive bounds, the connection limit, malformed HTTP)
   inbound/      the client APIs, one module per surface: chat (chat completions), messages
                 (Anthropic Messages and count_tokens; messages_request checks and translates a
                 request, messages_answer encodes answers and streams), responses (OpenAI

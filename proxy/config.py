@@ -172,6 +172,9 @@ class ServerSettings:
     body_timeout_s: float = 30.0                # a client must deliver its whole body in this time
     max_upstream_body_bytes: int = 64 * 1024 * 1024     # a non-streamed upstream answer
     max_upstream_event_bytes: int = MAX_EVENT_BYTES     # one event of an upstream stream
+    header_timeout_s: float = 10.0              # a request's line and headers must arrive in this time
+    keepalive_timeout_s: float = 75.0           # an idle connection between requests is closed after this
+    max_connections: int | None = None          # open client connections; None: from the open-file limit
     breaker: BreakerPolicy = BreakerPolicy()
     responses_ttl_s: float = 86400.0            # how long a stored response can be retrieved or followed up
     state: StateSettings = StateSettings()
@@ -422,6 +425,7 @@ def _server(node: Node, env: Mapping[str, str]) -> ServerSettings:
         "max_body_bytes", "max_messages", "max_attempts", "max_retry_wait_s", "request_timeout_s",
         "default_tier", "decision_log", "cors_origins", "drain_timeout_s", "body_timeout_s", "breaker",
         "responses_ttl_s", "max_upstream_body_bytes", "max_upstream_event_bytes", "state", "feedback_window_s",
+        "header_timeout_s", "keepalive_timeout_s", "max_connections",
     ))
     d = ServerSettings()
     return ServerSettings(
@@ -443,6 +447,9 @@ def _server(node: Node, env: Mapping[str, str]) -> ServerSettings:
                                      d.max_upstream_event_bytes),
         state=opt(m, "state", lambda n: _state(n, env), d.state),
         feedback_window_s=opt(m, "feedback_window_s", lambda n: n.number(1), d.feedback_window_s),
+        header_timeout_s=opt(m, "header_timeout_s", lambda n: n.number(0.001), d.header_timeout_s),
+        keepalive_timeout_s=opt(m, "keepalive_timeout_s", lambda n: n.number(0.001), d.keepalive_timeout_s),
+        max_connections=opt(m, "max_connections", lambda n: n.integer(1), d.max_connections),
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -26,7 +27,7 @@ from aiohttp import web
 
 from proxy import config as config_module
 from proxy.gateway import Gateway
-from proxy.server.app import create_app, make_runner
+from proxy.server.app import create_app, listen, make_runner
 from proxy.server.edge import GATEWAY
 from proxy.simulator import Simulator
 from proxy.simulator import start as start_simulator
@@ -98,9 +99,8 @@ async def serve(config: config_module.Config) -> tuple[RunningGateway, web.AppRu
     app = create_app(config)
     runner = make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = int(runner.addresses[0][1])
+    site = await listen(runner, app[GATEWAY], "127.0.0.1", 0)
+    port = site.port
     return RunningGateway(f"http://127.0.0.1:{port}", app[GATEWAY], app), runner
 
 
@@ -174,15 +174,23 @@ async def spawn_gateway(tmp_path: Path) -> AsyncIterator[SpawnGateway]:
     procs: list[asyncio.subprocess.Process] = []
 
     async def spawn(providers: Path, routes: Path, *args: str, env: dict[str, str] | None = None,
-                    host: str = "127.0.0.1", ready: bool = True) -> GatewayProcess:
+                    host: str = "127.0.0.1", ready: bool = True, open_files: tuple[int, int] | None = None,
+                    stdout: Path | None = None) -> GatewayProcess:
+        """`open_files`: the (soft, hard) RLIMIT_NOFILE the gateway starts with; `stdout`: a file
+        for its decision records (else they are discarded)."""
         port = free_port()
         log_path = tmp_path / f"gateway{len(procs)}.log"
-        with open(log_path, "wb") as log_file:
+
+        def limit_files() -> None:
+            if open_files is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
+        with open(log_path, "wb") as log_file, open(stdout or os.devnull, "wb") as out_file:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "proxy", "serve", "--providers", str(providers), "--routes", str(routes),
                 "--host", host, "--port", str(port), *args, cwd=ROOT,
                 env={**os.environ, "SIM_PROVIDER_KEY": "sk-sim-provider-secret-0001", **(env or {})},
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=log_file)
+                stdin=asyncio.subprocess.DEVNULL, stdout=out_file, stderr=log_file, preexec_fn=limit_files)
         procs.append(proc)
         running = GatewayProcess(proc, f"http://127.0.0.1:{port}", log_path)
         if ready:

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from proxy import config as config_module
-from proxy.server.app import create_app, drain, make_runner
+from proxy.server.app import create_app, drain, listen, make_runner
 from proxy.server.edge import GATEWAY
 
 from .conftest import Fleet, model_entry, write_config
@@ -28,11 +28,10 @@ async def served(fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     models = {"slowstart": model_entry("slowstart-ttft3000-n2"), "quick": model_entry("quick-n3-gap50")}
     p, r = write_config(tmp_path, fleet, models, {"chains": {"main": ["quick"]}, "default": "main"},
                         timeouts=TIMEOUTS)
-    runner = make_runner(create_app(config_module.load(p, r)))
+    app = create_app(config_module.load(p, r))
+    runner = make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = (await listen(runner, app[GATEWAY], "127.0.0.1", 0)).port
     try:
         yield runner, f"http://127.0.0.1:{port}"
     finally:

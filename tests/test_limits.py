@@ -12,7 +12,8 @@ import pytest
 from aiohttp import web
 
 from proxy import config as config_module
-from proxy.server.app import MAX_FIELD_SIZE, create_app, make_runner
+from proxy.server.app import MAX_FIELD_SIZE, create_app, listen, make_runner
+from proxy.server.edge import GATEWAY
 
 from .conftest import Fleet, MakeGateway, model_entry, write_config
 
@@ -68,9 +69,7 @@ async def test_a_slow_reader_holds_back_the_stream_instead_of_buffering_it(
     app.on_response_prepare.append(capture)
     runner = make_runner(app)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = (await listen(runner, app[GATEWAY], "127.0.0.1", 0)).port
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)

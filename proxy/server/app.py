@@ -13,8 +13,10 @@ import gc
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import socket
+from typing import Any
 
 from aiohttp import web
 
@@ -22,7 +24,7 @@ from .. import config as config_module
 from ..config import Config
 from ..gateway import Gateway
 from ..inbound import chat, messages, responses
-from . import admin, cors, edge
+from . import admin, connections, cors, edge
 from .edge import GATEWAY
 from .workers import FORWARDED, supervise
 
@@ -30,10 +32,11 @@ log = logging.getLogger("proxy.app")
 
 
 def create_app(config: Config, gateway: Gateway | None = None) -> web.Application:
-    app = web.Application(middlewares=[edge.openai_errors], client_max_size=1 << 40)
+    app = web.Application(middlewares=[connections.track_requests, edge.openai_errors], client_max_size=1 << 40)
     app[GATEWAY] = gateway or Gateway(config)
     # Paths whose unknown routes and wrong methods answer in another API's error shape.
     app[edge.ERROR_SHAPES] = (("/v1/messages", messages.error_body), ("/messages", messages.error_body))
+    app.on_response_prepare.append(edge.stamp)
     cors.install(app)
     app.router.add_post("/v1/chat/completions", chat.chat_completions, expect_handler=edge.expect_continue)
     app.router.add_post("/chat/completions", chat.chat_completions, expect_handler=edge.expect_continue)
@@ -104,11 +107,30 @@ CUT_OFF_GRACE_S = 3.0
 SHUTDOWN_TIMEOUT_S = 1.0
 
 
+# What every connection's aiohttp request handler is built with (see connections.Listener).
+HANDLER_ARGS: dict[str, Any] = {"access_log": None, "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE}
+
+
 def make_runner(app: web.Application) -> web.AppRunner:
     """The runner with the production request-handler settings (tests use the same)."""
-    return web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True,
-                         shutdown_timeout=SHUTDOWN_TIMEOUT_S, max_line_size=MAX_LINE_SIZE,
-                         max_field_size=MAX_FIELD_SIZE)
+    return web.AppRunner(app, handle_signals=False, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                         **HANDLER_ARGS)
+
+
+async def listen(runner: web.AppRunner, gateway: Gateway, host: str | None = None, port: int = 0,
+                 sock: socket.socket | None = None, reuse_port: bool = False) -> connections.Listener:
+    """Start listening with the connection bounds of `server:` in routes.yaml, read from the
+    current config at each accept (a reload applies to new connections)."""
+    auto = connections.default_max_connections()
+
+    def limits() -> connections.ConnectionLimits:
+        server = gateway.snapshot.config.server
+        return connections.ConnectionLimits(server.header_timeout_s, server.keepalive_timeout_s,
+                                            server.max_connections or auto)
+
+    site = connections.Listener(runner, limits, HANDLER_ARGS, host, port, sock, reuse_port)
+    await site.start()
+    return site
 
 
 async def drain(gateway: Gateway, runner: web.AppRunner, deadline_s: float) -> None:
@@ -156,12 +178,7 @@ async def run_server(config: Config, host: str, port: int, reuse_port: bool = Fa
     app = create_app(config, gateway)
     runner = make_runner(app)
     await runner.setup()
-    site: web.BaseSite
-    if sock is not None:
-        site = web.SockSite(runner, sock)
-    else:
-        site = web.TCPSite(runner, host, port, reuse_port=reuse_port, backlog=2048)
-    await site.start()
+    site = await listen(runner, gateway, host, port, sock, reuse_port)
     # Everything alive now (modules, config, app) lives as long as the process; frozen, it
     # is skipped by every later collection, so a full collection stops costing ~5 ms (the
     # p99 of a request that happens to trigger one) and forked workers share these pages.
@@ -177,7 +194,9 @@ async def run_server(config: Config, host: str, port: int, reuse_port: bool = Fa
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)       # blocked around a worker's fork
     log.info("listening", extra={"address": site.name, "pid": os.getpid(),
                                  "auth": "keys" if config.auth_required else "off",
-                                 "state": gateway.state.health.mode})
+                                 "state": gateway.state.health.mode,
+                                 "open_files": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                                 "max_connections": site.connections.limits().max_connections})
     await stop.wait()
     deadline = gateway.snapshot.config.server.drain_timeout_s    # the current config's, after reloads
     log.info("draining", extra={"deadline_s": deadline, "in_flight": len(gateway.in_flight), "pid": os.getpid()})
@@ -191,6 +210,7 @@ def serve(config: Config, host: str, port: int, workers: int = 1) -> int:
     """Run one process, or `workers` processes sharing the port (see proxy.server.workers)."""
     import uvloop
 
+    connections.raise_open_file_limit()         # before the workers fork: they inherit it
     if workers <= 1:
         return uvloop.run(run_server(config, host, port))
 

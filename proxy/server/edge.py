@@ -1,5 +1,7 @@
 """The HTTP edge every surface shares: the app key, body decoding, request ids, JSON and SSE
-answers, `Expect: 100-continue`, and the middleware that keeps stray errors in OpenAI's shape.
+answers, `Expect: 100-continue`, the middleware that keeps stray errors in OpenAI's shape
+(a 404 or 405 names the method and path), and `stamp`, which gives every answer a request
+id and a Server header without a version.
 
 Imports the gateway type only for the app key; never an inbound API module.
 """
@@ -7,7 +9,6 @@ Imports the gateway type only for the app key; never an inbound API module.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from aiohttp import web
 from ..errors import GatewayError, bad_request, error_body
 from ..gateway import Gateway
 from ..streaming import ClientGone
+from .connections import SERVER, new_request_id
 
 GATEWAY = web.AppKey("gateway", Gateway)
 ErrorShape = Callable[[int, str], bytes]      # (status, message) -> an API's error body
@@ -27,6 +29,7 @@ ERROR_SHAPES = web.AppKey("error_shapes", tuple)
 SEND_TIMEOUT_S = 30.0           # for a whole answer to leave once it is ready, however slow the reader
 CLIENT_CLOSED = 499             # the status recorded when the client left before any answer
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MAX_PATH_SHOWN = 200            # of a path named in a 404 or 405
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -145,7 +148,15 @@ def request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id")
     if given and _REQUEST_ID.match(given):
         return given
-    return "req_" + os.urandom(16).hex()      # uuid4's randomness without building a UUID object
+    return new_request_id()
+
+
+async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer carries a request id (the client's, if well-formed)
+    and a Server header that names no version."""
+    response.headers["Server"] = SERVER
+    if "X-Request-Id" not in response.headers:
+        response.headers["X-Request-Id"] = request_id(request)
 
 
 async def expect_continue(request: web.Request) -> web.Response | None:
@@ -176,6 +187,9 @@ async def openai_errors(request: web.Request, handler: Any) -> web.StreamRespons
         status, reason = exc.status, exc.reason
         if isinstance(exc, web.HTTPMethodNotAllowed) and exc.allowed_methods <= {"OPTIONS"}:
             status, reason = 404, "Not Found"   # only the CORS preflight route matched the path
+        if status in (404, 405):
+            path = request.path if len(request.path) <= MAX_PATH_SHOWN else request.path[:MAX_PATH_SHOWN] + "..."
+            reason = f"{reason}: {request.method} {path}"
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
         headers = {"Allow": exc.headers["Allow"]} if status == 405 and "Allow" in exc.headers else None
         shape = _shape(request)
