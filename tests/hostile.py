@@ -14,6 +14,8 @@ Valid frames come from the simulator's own wires, so only the hostile part is ne
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ from aiohttp import web
 
 from proxy.simulator import Behaviour, Simulator, make_reply
 
+PREFIX = {"openai": "/openai/v1", "anthropic": "/anthropic/v1", "gemini": "/gemini/v1beta"}
 HUGE_BYTES = 50 * 1024 * 1024
 PIECE = b"x" * 65536
 KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
@@ -121,3 +124,37 @@ def multiline(frame: bytes) -> bytes:
         else:
             out.append(line)
     return b"\n".join(out)
+
+
+@dataclass
+class Upstreams:
+    hostile: Hostile
+    bystander: Bystander
+    port: int
+
+    def providers(self, timeouts: dict[str, float]) -> dict[str, Any]:
+        """providers.yaml entries `hostile-<api>` for the three protocols, keyed by SIM_PROVIDER_KEY."""
+        return {f"hostile-{api}": {"api": api, "base_url": f"http://127.0.0.1:{self.port}{PREFIX[api]}",
+                                   "api_key_env": "SIM_PROVIDER_KEY", "timeouts": timeouts} for api in PREFIX}
+
+
+async def _start(app: web.Application) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
+
+
+@asynccontextmanager
+async def serving() -> AsyncIterator[Upstreams]:
+    """The hostile upstream and its bystander on 127.0.0.1, in this event loop."""
+    bystander = Bystander()
+    b_runner, b_port = await _start(bystander.app())
+    hostile = Hostile(f"http://127.0.0.1:{b_port}")
+    h_runner, h_port = await _start(hostile.app())
+    try:
+        yield Upstreams(hostile, bystander, h_port)
+    finally:
+        await h_runner.cleanup()
+        await b_runner.cleanup()

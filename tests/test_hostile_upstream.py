@@ -4,57 +4,36 @@ their caps, and an upstream's late echo of the key never reaches a client or a r
 
 from __future__ import annotations
 
+import asyncio
+import os
+import statistics
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from openai import AsyncOpenAI
 
 from proxy.commands.chaos import read_sse_answer
 from proxy.decisions import Decision
 from proxy.simulator import canonical_text
 
-from .conftest import MakeGateway, RunningGateway, model_entry
-from .hostile import Bystander, Hostile
+from .conftest import Fleet, MakeGateway, RunningGateway, SpawnGateway, model_entry, write_config
+from .decision_log_support import decisions_in
+from .hostile import Upstreams, serving
 from .streams import chat_body
 
 PROTOCOLS = ("openai", "anthropic", "gemini")
-PREFIX = {"openai": "/openai/v1", "anthropic": "/anthropic/v1", "gemini": "/gemini/v1beta"}
 HEX_KEY = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 TIMEOUTS = {"connect_s": 2, "first_token_s": 10, "idle_s": 5, "total_s": 30}
 
 
-@dataclass
-class Upstreams:
-    hostile: Hostile
-    bystander: Bystander
-
-    def providers(self, port: int) -> dict[str, Any]:
-        return {f"hostile-{api}": {"api": api, "base_url": f"http://127.0.0.1:{port}{PREFIX[api]}",
-                                   "api_key_env": "SIM_PROVIDER_KEY", "timeouts": TIMEOUTS} for api in PROTOCOLS}
-
-
-async def _start(app: web.Application) -> tuple[web.AppRunner, int]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, int(runner.addresses[0][1])
-
-
 @pytest.fixture
 async def upstreams() -> AsyncIterator[tuple[Upstreams, dict[str, Any]]]:
-    bystander = Bystander()
-    b_runner, b_port = await _start(bystander.app())
-    hostile = Hostile(f"http://127.0.0.1:{b_port}")
-    h_runner, h_port = await _start(hostile.app())
-    ups = Upstreams(hostile, bystander)
-    yield ups, ups.providers(h_port)
-    await h_runner.cleanup()
-    await b_runner.cleanup()
+    async with serving() as ups:
+        yield ups, ups.providers(TIMEOUTS)
 
 
 def capture(gw: RunningGateway) -> list[Decision]:
@@ -181,3 +160,70 @@ async def test_a_key_echoed_late_in_a_long_message_is_redacted_before_the_cut(
     assert message.index("[redacted]") > 400, "the key sat late in the message, past most of the cut"
     for fragment in (HEX_KEY, HEX_KEY[:8]):
         assert fragment not in body and fragment not in message and fragment not in (records[0].error or "")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")      # utime + stime
+
+
+async def test_endless_lines_cost_the_gateway_little_and_other_clients_nothing(
+        fleet: Fleet, tmp_path: Path, upstreams: Any, spawn_gateway: SpawnGateway) -> None:
+    """A real gateway with the default cap (8 MiB): streams whose upstream sends a 50 MB line
+    before any content are cut at the cap and fail over, while another client's requests keep
+    their latency. The upstreams share this test's process, so the gateway's own time per
+    request (`overhead_ms`, from its decision records) is what is compared; the client's view
+    is checked with a wide margin. Bounded: 6 hostile requests, at most 300 probes, 60 s."""
+    _, providers = upstreams
+    log = tmp_path / "decisions.jsonl"
+    models = {"bad": model_entry("m-hugefirst", "hostile-openai"), "good": model_entry("good-n4")}
+    server = {"decision_log": str(log), "breaker": {"consecutive": 100}}     # every attack meets the cap
+    p, r = write_config(tmp_path, fleet, models, {"chains": {"main": ["bad", "good"]}, "default": "main",
+                                                  "server": server}, providers=providers)
+    gw = await spawn_gateway(p, r)
+
+    async def probe(session: aiohttp.ClientSession, rid: str) -> float:
+        started = time.perf_counter()
+        async with session.post(gw.url + "/v1/chat/completions", json=chat_body("good", stream=False),
+                                headers={"X-Request-Id": rid}) as resp:
+            await resp.read()
+            assert resp.status == 200
+        return time.perf_counter() - started
+
+    async with aiohttp.ClientSession() as session, aiohttp.ClientSession() as hostile:
+        before = [await probe(session, f"before-{i}") for i in range(40)]
+
+        async def attack() -> list[str]:
+            served = []
+            for _ in range(6):
+                async with hostile.post(gw.url + "/v1/chat/completions", json=chat_body("main")) as resp:
+                    answer = read_sse_answer(resp.status, dict(resp.headers), await resp.read())
+                    assert answer.complete
+                    served.append(resp.headers["X-Route-Model"])
+            return served
+
+        cpu_before = cpu_seconds(gw.proc.pid)
+        attacking = asyncio.create_task(attack())
+        during: list[float] = []
+        async with asyncio.timeout(60):
+            while not attacking.done() and len(during) < 300:
+                during.append(await probe(session, f"during-{len(during)}"))
+            served = await attacking
+        cpu_used = cpu_seconds(gw.proc.pid) - cpu_before
+    assert served == ["good"] * 6
+    records: list[dict[str, Any]] = []
+    for _ in range(100):                    # the log is written in batches, off the request path
+        records = decisions_in(log)
+        if len(records) >= len(before) + len(during) + 6:
+            break
+        await asyncio.sleep(0.05)
+    overhead = {phase: statistics.median(d["overhead_ms"] for d in records if d["request_id"].startswith(phase))
+                for phase in ("before", "during")}
+    cut = [d["attempts"][0] for d in records if d["requested_model"] == "main"]
+    assert [a["message"] for a in cut] == ["an upstream event exceeded 8388608 bytes"] * 6
+    print(f"hostile: gateway CPU {cpu_used:.3f}s for 6 cut streams and {len(during)} probes; gateway overhead "
+          f"p50 {overhead['before']:.3f} -> {overhead['during']:.3f} ms; client p50 "
+          f"{statistics.median(before) * 1000:.1f} -> {statistics.median(during) * 1000:.1f} ms")
+    assert cpu_used < 6 * 0.25, f"the gateway spent {cpu_used:.2f}s of CPU"
+    assert overhead["during"] < overhead["before"] + 1.0, overhead
+    assert statistics.median(during) < statistics.median(before) + 0.05

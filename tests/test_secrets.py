@@ -1,9 +1,12 @@
 """Secrets never leave: a real `python -m proxy serve` process, its whole output captured.
 
-The provider key and the gateway key are planted in the environment; the simulator's 401
-quotes the key it was sent, as real providers do. Neither string may appear in the
-decision log, the process's stdout or stderr, /metrics, or any response body or header.
-The same process proves SIGHUP log rotation and the drain on SIGTERM.
+The provider key, the gateway key and an admin key are planted in the environment; the
+simulator's 401 quotes the key it was sent, as real providers do, and a hostile upstream
+(tests/hostile.py) quotes it late in a long message, where a cut before redaction would
+split it. A request whose Authorization line the HTTP parser rejects carries the gateway
+key. No key may appear in the decision log, the process's stdout or stderr, /metrics, or
+any response body or header. The same process proves SIGHUP log rotation and the drain
+on SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ import orjson
 
 from .conftest import ROOT, Fleet, model_entry, write_config
 from .decision_log_support import decisions_in
+from .hostile import Upstreams, serving
 
-PROVIDER_SECRET = "sk-live-PROVIDERsecret-9a8b7c6d5e4f"
+# No credential shape (an Azure-style key): only the exact match can catch it, also where a
+# message quoting it is cut.
+PROVIDER_SECRET = "9a8b7c6d5e4fPROVIDERsecret0011"
 GATEWAY_SECRET = "gwk-GATEWAYsecret-1122334455"
 ADMIN_SECRET = "gwk-ADMINsecret-6677889900"
 
@@ -72,20 +78,33 @@ async def _stop(process: subprocess.Popen) -> tuple[str, str]:
     return out.decode(), err.decode()
 
 
-def _config(tmp_path: Path, fleet: Fleet, decision_log: str) -> tuple[Path, Path]:
+def _config(tmp_path: Path, fleet: Fleet, decision_log: str, hostile: Upstreams | None = None
+            ) -> tuple[Path, Path]:
     models = {"good": model_entry("good-n6"), "authfail": model_entry("authfail-401"),
               "authfail-a": model_entry("authfail-401", provider="sim-anthropic"),
               "authfail-g": model_entry("authfail-401", provider="sim-gemini"),
               "cut": model_entry("cut-cut2"), "down": model_entry("down-500")}
-    routes = {"chains": {"main": ["good"], "bad-auth": ["authfail", "authfail-a", "authfail-g"]}, "default": "main",
+    chains = {"main": ["good"], "bad-auth": ["authfail", "authfail-a", "authfail-g"]}
+    if hostile is not None:     # upstreams that quote the key late in a long message
+        models.update({f"echo-{api}": model_entry("m-echolong", f"hostile-{api}")
+                       for api in ("openai", "anthropic", "gemini")})
+        chains["echo"] = ["echo-openai", "echo-anthropic", "echo-gemini"]
+    routes = {"chains": chains, "default": "main",
               "keys": [{"name": "app", "key_env": "TEST_GATEWAY_SECRET", "tier": "standard"},
                        {"name": "ops", "key_env": "TEST_ADMIN_SECRET", "tier": "free", "allow": [], "admin": True}],
               "server": {"decision_log": decision_log}}
-    return write_config(tmp_path, fleet, models, routes)
+    providers = hostile.providers({"connect_s": 2, "first_token_s": 10, "idle_s": 5, "total_s": 30}) \
+        if hostile is not None else None
+    return write_config(tmp_path, fleet, models, routes, providers=providers)
 
 
 async def test_neither_key_appears_in_log_output_metrics_or_answers(fleet: Fleet, tmp_path: Path) -> None:
-    providers, routes = _config(tmp_path, fleet, "stdout")
+    async with serving() as hostile:
+        await _no_key_leaks(fleet, tmp_path, hostile)
+
+
+async def _no_key_leaks(fleet: Fleet, tmp_path: Path, hostile: Upstreams) -> None:
+    providers, routes = _config(tmp_path, fleet, "stdout", hostile)
     env = {"SIM_PROVIDER_KEY": PROVIDER_SECRET, "TEST_GATEWAY_SECRET": GATEWAY_SECRET,
            "TEST_ADMIN_SECRET": ADMIN_SECRET}
     seen: list[bytes] = []          # every response body and header block the clients got
@@ -103,6 +122,7 @@ async def test_neither_key_appears_in_log_output_metrics_or_answers(fleet: Fleet
         ({"model": "good", "messages": [{"role": "user", "content": "hi"}]},
          {"Authorization": f"Basic {GATEWAY_SECRET}"}, 401),
         ({"model": "good", "messages": "not a list"}, auth, 400),
+        ({"model": "echo", "messages": [{"role": "user", "content": "hi"}]}, auth, 502),   # the key quoted late
     ]
 
     async def keep(response: aiohttp.ClientResponse) -> bytes:
@@ -133,6 +153,14 @@ async def test_neither_key_appears_in_log_output_metrics_or_answers(fleet: Fleet
             async with s.get(url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_SECRET}"}) as r:
                 metrics = await keep(r)
                 assert b"llm_proxy_requests_total" in metrics
+        # A header line the HTTP parser rejects (a trailing control byte) with the key in it.
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                     + GATEWAY_SECRET.encode() + b"\x01\r\nContent-Length: 2\r\n\r\n{}")
+        async with asyncio.timeout(10):
+            seen.append(await reader.read())
+        writer.close()
+        assert seen[-1].startswith(b"HTTP/1.0 400") and b'"code":"malformed_request"' in seen[-1], seen[-1]
         out, err = await _stop(process)
 
     # The keys were really in play: the provider key reached the simulator (all three protocols),
@@ -147,6 +175,9 @@ async def test_neither_key_appears_in_log_output_metrics_or_answers(fleet: Fleet
     for provider in ("sim-openai", "sim-anthropic", "sim-gemini"):    # each 502 lists its attempts, scrubbed
         quoted = f"via {provider}: auth 401 (Incorrect API key provided: [redacted])".encode()
         assert any(quoted in body for body in seen), provider
+    late = [a["message"] for d in decisions if d["requested_model"] == "echo" for a in d["attempts"]]
+    assert len(late) == 3 and all(m.index("[redacted]") > 400 for m in late), late
+    assert any("malformed HTTP request" in line for line in err.splitlines()), "the malformed request was logged"
 
     for secret in (PROVIDER_SECRET, GATEWAY_SECRET, ADMIN_SECRET):
         assert secret not in out, f"{secret} on stdout"
