@@ -140,6 +140,7 @@ class Decision:
     started: float                      # monotonic
     time: float = field(default_factory=time.time)
     api: str = "chat"                   # the client API it came in by: chat | responses | messages
+    instance: str | None = None         # the gateway process that served it (`host:pid`)
     key: str | None = None              # the gateway key's name
     tier: str | None = None
     requested_model: str | None = None
@@ -190,7 +191,7 @@ class Decision:
         usage = self.usage
         return {
             "type": "decision", "time": iso_time(self.time), "request_id": self.request_id, "api": self.api,
-            "key": self.key,
+            "instance": self.instance, "key": self.key,
             "tier": self.tier, "requested_model": self.requested_model, "stream": self.stream,
             "signals": self.signals, "rule": self.rule, "reason": self.reason, "chain": self.chain,
             "candidates": self.candidates, "skipped": self.skipped,

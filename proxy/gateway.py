@@ -14,6 +14,8 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from .decisions import CLIENT_DISCONNECTED, Decision, DecisionLog, Served, iso_t
 from .dispatch import Dispatcher, key_limited
 from .errors import GatewayError, forbidden, unauthorized
 from .metrics import Metrics
+from .ops.live import LiveStats
 from .providers import Adapter, registry
 from .router import Router
 from .state import Admission, Refusal, StateStore, StateView, open_state
@@ -35,6 +38,12 @@ from .transport import Transport
 log = logging.getLogger("proxy.gateway")
 
 SERVED = "served"               # the memo scope of finished requests that feedback may score
+
+
+def instance_id() -> str:
+    """This gateway process, as `host:pid`: unique among the workers of one host and the hosts
+    of one cluster, readable in a decision record, and new after a restart."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +97,7 @@ class Gateway:
                  clock: Callable[[], float] = time.monotonic,
                  adapters: Mapping[str, Adapter] | None = None, workers: int = 1) -> None:
         self.clock = clock
+        self.instance = instance_id()
         self.state: StateStore = state or open_state(config.server.state, config.server.breaker, workers=workers,
                                                      clock=clock)
         self.state.set_breaker_policy(config.server.breaker)
@@ -96,6 +106,7 @@ class Gateway:
         self.adapters = adapters or registry()
         self.decisions = DecisionLog(config.server.decision_log)
         self.metrics = Metrics(self.decisions)
+        self.live = LiveStats()         # the operations page's rolling aggregates
         self.snapshot = self._build(config)
         self._longest_request_s = config.server.request_timeout_s   # how long an old snapshot may live on
         self.ready = False
@@ -110,6 +121,7 @@ class Gateway:
                                 clock=self.clock)
         snapshot = Snapshot(config, Router(config), dispatcher)
         self.metrics.configure(config)      # only once everything that can fail has been built
+        self.live.configure(self.metrics.tiers)     # the same bounded tier names
         return snapshot
 
     async def start(self) -> None:
@@ -167,6 +179,7 @@ class Gateway:
         """The single exit of every request: one decision record, one metrics update. Never raises."""
         try:
             decision.duration_ms = round((self.clock() - decision.started) * 1000, 3)
+            decision.instance = self.instance
             if decision.outcome == CLIENT_DISCONNECTED:
                 for attempt in decision.attempts:
                     if attempt.failure is None and not attempt.served:
@@ -174,6 +187,7 @@ class Gateway:
             decision.settle()
             self.decisions.record(decision)
             self.metrics.observe(decision)
+            self.live.observe(decision, time.time())
             self._remember(decision)
         except Exception:
             log.exception("could not record a decision", extra={"request_id": decision.request_id})
@@ -197,4 +211,5 @@ class Gateway:
             "key": key.name if key is not None else None,
         })
         self.metrics.observe_feedback(served, score)
+        self.live.observe_feedback(served.tier, served.model, score)
         return served
