@@ -6,8 +6,8 @@ slot and one append to a ring of recent decisions. Nothing here runs per chunk, 
 nothing is computed until a page asks (`minute`, `series`), at most once per second per
 gateway however many pages are open (see `feed`).
 
-Everything is bounded: `WINDOW_S` one-second slots (older slots are reused), at most
-`SAMPLES` latency samples per slot (a reservoir, so a busy second is sampled evenly),
+Everything is bounded: `WINDOW_S` one-second slots (older slots are replaced), latency
+kept as logarithmic histograms (a few hundred buckets at most, whatever the rate),
 `RECENT` decisions, and label values that come from the config (a tier the config does
 not name counts as `other`, as in the metrics).
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import random
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,35 +29,43 @@ from ..decisions import CLIENT_DISCONNECTED, Decision
 WINDOW_S = 300          # seconds of one-second history the charts show
 MINUTE_S = 60           # the rolling window of the headline figures
 RECENT = 1000           # decisions kept for the list and for lookup by request id
-SAMPLES = 128           # latency samples kept per second and figure
+_PER_DOUBLING = 16      # latency histogram buckets per doubling
+_SMALLEST = 0.001       # ms: smaller latencies share the lowest bucket
 FAILED_OUTCOMES = frozenset(("upstream_failed", "timeout", "stream_error", "internal_error", "shutdown", "error"))
 
 
-def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile: the smallest value with at least p% of the values at or below it."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+class Histogram:
+    """Latency counts in logarithmic buckets, 16 per doubling (a quantile is read to within
+    about 2%): constant work per sample, no sorting, and merging a minute of seconds is a
+    sum of small dicts. Prometheus reads latency the same way."""
 
-
-class Reservoir:
-    """At most `SAMPLES` values, each value seen having the same chance to be kept."""
-
-    __slots__ = ("values", "seen")
+    __slots__ = ("counts", "n")
 
     def __init__(self) -> None:
-        self.values: list[float] = []
-        self.seen = 0
+        self.counts: dict[int, int] = {}
+        self.n = 0
 
-    def add(self, value: float, rng: random.Random) -> None:
-        self.seen += 1
-        if len(self.values) < SAMPLES:
-            self.values.append(value)
-        else:
-            slot = rng.randrange(self.seen)
-            if slot < SAMPLES:
-                self.values[slot] = value
+    def add(self, value: float) -> None:
+        index = math.ceil(math.log2(value if value > _SMALLEST else _SMALLEST) * _PER_DOUBLING)
+        self.counts[index] = self.counts.get(index, 0) + 1
+        self.n += 1
+
+    def merge(self, other: Histogram) -> None:
+        for index, count in other.counts.items():
+            self.counts[index] = self.counts.get(index, 0) + count
+        self.n += other.n
+
+    def quantile(self, p: float) -> float | None:
+        """The upper bound of the bucket holding the nearest-rank p-th percentile."""
+        if not self.n:
+            return None
+        rank = max(1, math.ceil(p / 100 * self.n))
+        seen = 0
+        for index in sorted(self.counts):
+            seen += self.counts[index]
+            if seen >= rank:
+                return round(2 ** (index / _PER_DOUBLING), 3)
+        raise AssertionError("unreachable: the counts add up to n")
 
 
 def _bump(counts: dict[str, float], name: str, amount: float = 1) -> None:
@@ -85,15 +92,14 @@ class Second:
     tier_requests: dict[str, float] = field(default_factory=dict)
     key_cost: dict[str, float] = field(default_factory=dict)
     key_requests: dict[str, float] = field(default_factory=dict)
-    overhead: Reservoir = field(default_factory=Reservoir)
-    ttft: Reservoir = field(default_factory=Reservoir)
+    overhead: Histogram = field(default_factory=Histogram)
+    ttft: Histogram = field(default_factory=Histogram)
     latency: tuple[float | None, float | None, float | None] | None = None   # once the second is over
 
     def percentiles(self) -> tuple[float | None, float | None, float | None]:
         """(overhead p50, overhead p99, ttft p50); remembered, since a past second never changes."""
         if self.latency is None:
-            self.latency = (percentile(self.overhead.values, 50), percentile(self.overhead.values, 99),
-                            percentile(self.ttft.values, 50))
+            self.latency = (self.overhead.quantile(50), self.overhead.quantile(99), self.ttft.quantile(50))
         return self.latency
 
 
@@ -104,13 +110,12 @@ class Score:
 
 
 class LiveStats:
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self) -> None:
         self._slots = [Second() for _ in range(WINDOW_S)]
         self.recent: deque[Decision] = deque(maxlen=RECENT)
         self.quality: dict[str, dict[str, Score]] = {"tier": {}, "model": {}}
         self.tiers: frozenset[str] = frozenset()
         self.totals = {"requests": 0, "cost_usd": 0.0, "wasted_cost_usd": 0.0}
-        self._rng = rng or random.Random()
 
     def configure(self, tiers: frozenset[str]) -> None:
         """The tiers the config names (at start and on reload); others count as `other`."""
@@ -155,9 +160,9 @@ class LiveStats:
             _bump(slot.tier_cost, tier, d.cost_usd)
             _bump(slot.key_cost, key, d.cost_usd)
         if d.overhead_ms is not None:
-            slot.overhead.add(d.overhead_ms, self._rng)
+            slot.overhead.add(d.overhead_ms)
         if d.ttft_ms is not None:
-            slot.ttft.add(d.ttft_ms, self._rng)
+            slot.ttft.add(d.ttft_ms)
         totals = self.totals
         totals["requests"] += 1
         totals["cost_usd"] += d.cost_usd
@@ -194,8 +199,10 @@ class LiveStats:
         requests = sum(s.requests for s in slots)
         cost = math.fsum(s.cost for s in slots)
         routed = sum(s.routed for s in slots)
-        overhead = [v for s in slots for v in s.overhead.values]
-        ttft = [v for s in slots for v in s.ttft.values]
+        overhead, ttft = Histogram(), Histogram()
+        for s in slots:
+            overhead.merge(s.overhead)
+            ttft.merge(s.ttft)
         tier_cost, tier_requests = _merged(s.tier_cost for s in slots), _merged(s.tier_requests for s in slots)
         key_cost, key_requests = _merged(s.key_cost for s in slots), _merged(s.key_requests for s in slots)
         attempts, attempt_failures = _merged(s.attempts for s in slots), _merged(s.attempt_failures for s in slots)
@@ -212,8 +219,8 @@ class LiveStats:
             "by_provider": {name: {"attempts": int(n), "failed": int(attempt_failures.get(name, 0)),
                                    "failure_rate": _rate(attempt_failures.get(name, 0), n)}
                             for name, n in _sorted(attempts).items()},
-            "overhead_ms": {"p50": percentile(overhead, 50), "p99": percentile(overhead, 99)},
-            "ttft_ms": {"p50": percentile(ttft, 50), "p99": percentile(ttft, 99)},
+            "overhead_ms": {"p50": overhead.quantile(50), "p99": overhead.quantile(99)},
+            "ttft_ms": {"p50": ttft.quantile(50), "p99": ttft.quantile(99)},
             "cost_usd": cost,
             "wasted_cost_usd": math.fsum(s.wasted for s in slots),
             "cost_per_request_usd": cost / requests if requests else None,

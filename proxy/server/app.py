@@ -24,6 +24,9 @@ from .. import config as config_module
 from ..config import Config
 from ..gateway import Gateway
 from ..inbound import chat, messages, responses
+from ..ops import pages as ops_pages
+from ..ops.deployments import read_deployments
+from ..ops.view import OpsSource
 from . import admin, connections, cors, edge
 from .edge import GATEWAY
 from .workers import FORWARDED, supervise
@@ -55,9 +58,28 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
     app.router.add_get("/metrics", admin.metrics)
+    ops_pages.install(app, ops_source(app[GATEWAY]))
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     return app
+
+
+def ops_source(gateway: Gateway) -> OpsSource:
+    """What the operations page reads: handed over piece by piece, never the Gateway itself."""
+    return OpsSource(
+        live=gateway.live,
+        deployments=lambda: read_deployments(gateway.state, gateway.snapshot.config, gateway.clock()),
+        authorize=lambda authorization, peer: _admin_placeholder(gateway, authorization, peer),
+        in_flight=lambda: len(gateway.in_flight),
+        instance=gateway.instance,
+    )
+
+
+def _admin_placeholder(gateway: Gateway, authorization: str | None, peer: str | None) -> None:
+    # TODO(issue 11): the config snapshot's admin check replaces this before landing.
+    from ..errors import forbidden
+    if gateway.snapshot.authenticate(authorization) is None and not is_loopback(peer or ""):
+        raise forbidden("the operations page is served to loopback only when routes.yaml has no keys")
 
 
 async def _start(app: web.Application) -> None:
