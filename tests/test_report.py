@@ -27,6 +27,8 @@ WEEK_STARTS = [dt.datetime(2026, 1, 5, tzinfo=dt.UTC), dt.datetime(2026, 1, 12, 
                dt.datetime(2026, 1, 19, tzinfo=dt.UTC)]         # Mondays of 2026-W02, W03, W04
 TIERS, MODELS, RULES = ("free", "standard", "premium"), ("alpha", "beta", "gamma"), ("short", "code", "default")
 OUTCOMES = ("ok", "ok", "ok", "ok", "stream_error", "upstream_failed", "bad_request")
+SKIPS = ("context window: needs ~200000 tokens, model has 128000", "capability: tools need 'tools'",
+         "cost ceiling: worst case $0.020000 exceeds $0.01", "context window: max_tokens 9000 exceeds the output limit")
 
 
 def _generate(rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -44,6 +46,8 @@ def _generate(rng: random.Random) -> tuple[list[dict[str, Any]], list[dict[str, 
             d.served_model = d.attempts[-1].model if outcome != "upstream_failed" else None
             d.cost_usd = round(rng.uniform(0.0001, 0.02), 6) if outcome != "upstream_failed" else 0.0
         d.outcome = outcome
+        if i % 3 == 0:                                      # a plan that left a model out, and why
+            d.skipped = [{"model": "gamma", "reason": SKIPS[i % len(SKIPS)]}]
         d.duration_ms = round(rng.uniform(20, 3000), 3)
         d.ttft_ms = round(rng.uniform(5, 400), 3) if d.stream and outcome == "ok" else None
         decisions.append(d.to_json())
@@ -186,3 +190,51 @@ def test_a_request_scored_twice_counts_once_with_its_latest_score(tmp_path: Path
     week = orjson.loads(_report(str(path), "--json"))["weeks"][0]
     assert week["all"]["quality"] == pytest.approx(0.2)
     assert week["all"]["feedback"] == 1
+
+
+async def test_html_report_opens_in_a_browser_with_its_charts_drawn(log, tmp_path: Path) -> None:
+    from .browser import artifacts_dir, chromium
+
+    path, decisions, feedback = log
+    page_path = tmp_path / "report.html"
+    _report(str(path), "--html", str(page_path))
+    text = page_path.read_text()
+    data = orjson.loads(re.search(r'<script id="report-data" type="application/json">(.*?)</script>', text,
+                                  re.S).group(1))      # type: ignore[union-attr]
+    # The charts' data, checked against the log: 21 days, cost per day and tier, skip reasons.
+    by_day_tier: dict[tuple[int, str], float] = defaultdict(float)
+    reasons: dict[str, int] = defaultdict(int)
+    for d in decisions:
+        day = int(dt.datetime.fromisoformat(d["time"]).timestamp()) // 86400 * 86400
+        by_day_tier[(day, d["tier"])] += d["cost_usd"]
+        for skip in d["skipped"]:
+            reasons["skipped: " + skip["reason"].split(":")[0]] += 1
+    assert len(data["days"]) == len({day for day, _ in by_day_tier}) >= 15
+    for tier, values in data["cost_by_tier"].items():
+        for day, value in zip(data["days"], values):
+            assert value == pytest.approx(by_day_tier.get((day, tier), 0.0), abs=1e-12)
+    assert dict(data["skip_reasons"]) == reasons and data["requests"] == len(decisions)
+    assert "http://" not in text.replace("http://www.w3.org", "") and "https://" not in text.replace(
+        "https://github.com/leeoniya/uPlot", "")                  # nothing to fetch: it is all inline
+
+    async with chromium() as browser:
+        page = await browser.page()
+        await page.goto(page_path.as_uri())
+        await page.wait_for_selector("#chart-quality canvas")
+        # Each chart's first series is drawn in #2f6fde: count the pixels of that colour on each
+        # canvas (axes and grid are grey, so an empty chart has none).
+        drawn = await page.evaluate("""() => Array.from(document.querySelectorAll('.chart canvas')).map((c) => {
+            const pixels = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let line = 0;
+            for (let i = 0; i < pixels.length; i += 4) {
+                if (Math.abs(pixels[i] - 47) < 30 && Math.abs(pixels[i + 1] - 111) < 30
+                    && Math.abs(pixels[i + 2] - 222) < 30 && pixels[i + 3] > 128) line++;
+            }
+            return line;
+        })""")
+        assert len(drawn) == 4 and all(n > 200 for n in drawn), drawn
+        assert await page.locator("#reasons .reason").count() == len(reasons)
+        assert await page.locator("table:not(.u-legend)").count() == 3         # the three weeks
+        await page.screenshot(path=str(artifacts_dir() / "report.png"), full_page=True)
+        assert browser.errors == []
+        assert browser.left_loopback() == [] and browser.requests == [page_path.as_uri()]

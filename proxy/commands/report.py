@@ -12,7 +12,8 @@ ISO week (UTC) overall and per tier, per served model and per rule:
   p50/p99        duration_ms and ttft_ms of requests that ended ok (nearest-rank percentiles)
 
 Lines that are not records (log noise, a torn last line) are skipped and counted.
-Imports nothing from the package but the decision record's field names.
+`--html FILE` writes the same report as a page with charts (report_html). Imports nothing
+from the package but the decision record's field names.
 """
 
 from __future__ import annotations
@@ -255,6 +256,17 @@ def run(args: argparse.Namespace) -> int:
                 stream.close()
     report = summarise(decisions, feedback, since)
     report["skipped_lines"] = skipped
+    if args.html:
+        from .report_html import daily, render
+
+        try:
+            with open(args.html, "w", encoding="utf-8") as out:
+                out.write(render(report, daily(decisions, feedback, since)))
+        except OSError as exc:
+            print(f"error: cannot write {args.html}: {exc.strerror}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.html}", file=sys.stderr)
+        return 0
     if args.json:
         sys.stdout.write(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode() + "\n")
     else:
@@ -269,4 +281,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", type=lambda text: parse_since(text, time.time()),
                         help="only records newer than this: 7d, 12h, 2w, or an ISO date (UTC)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--html", metavar="FILE",
+                        help="write a self-contained page with charts (cost per day per tier, cost per request, "
+                             "fallback rate, quality per tier, top skip reasons) to FILE")
     parser.set_defaults(func=run)

@@ -1,6 +1,7 @@
 """What the page shows of the deployments' state: breakers, 429 holds, bucket levels, load.
 
-`read_deployments` is the one place the operations page reads the state store. It walks
+`read_deployments` is the one place the operations page reads the state store (async:
+a shared store answers over the network). It walks
 the config (so a healthy deployment no request has touched yet is listed too) and looks
 each breaker and bucket up without creating it. Times come back relative to `now`
 (seconds until the next probe, seconds a hold has left), in the store's own clock.
@@ -35,7 +36,7 @@ def _limits(buckets: dict[str, TokenBucket], prefix: str, limits: Limits, now: f
     return [b for b in found if b is not None]
 
 
-def read_deployments(state: StateStore, config: Config, now: float) -> dict[str, list[dict[str, Any]]]:
+async def read_deployments(state: StateStore, config: Config, now: float) -> dict[str, list[dict[str, Any]]]:
     """Every configured deployment with its breaker, hold, buckets and requests in flight;
     every provider account and gateway key with a limit, with its buckets."""
     breakers, buckets = state.all_breakers(), state.all_buckets()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 log = logging.getLogger("proxy.ops")
 
@@ -24,7 +24,7 @@ MAX_LISTENERS = 8
 
 
 class Feed:
-    def __init__(self, build: Callable[[], bytes], interval_s: float = INTERVAL_S,
+    def __init__(self, build: Callable[[], Awaitable[bytes]], interval_s: float = INTERVAL_S,
                  max_listeners: int = MAX_LISTENERS) -> None:
         self._build = build
         self.interval_s = interval_s
@@ -61,7 +61,7 @@ class Feed:
     async def _run(self) -> None:
         while self.listeners > 0 and not self.closed:
             try:
-                self._frame = self._build()
+                self._frame = await self._build()
             except Exception:            # a bug in the page must not end the feed for good
                 log.exception("could not build the operations page's state")
             else:

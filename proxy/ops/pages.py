@@ -23,12 +23,12 @@ import asyncio
 import base64
 import binascii
 import html
-from importlib import resources
 
 import orjson
 from aiohttp import web
 
 from ..errors import GatewayError, error_body
+from .assets import asset
 from .feed import Feed
 from .view import OpsSource, page_state
 
@@ -45,11 +45,6 @@ ASSETS = {       # name -> content type; nothing else under assets/ is served
     "dashboard.js": "text/javascript", "dashboard.css": "text/css",
     "uPlot.iife.min.js": "text/javascript", "uPlot.min.css": "text/css", "uPlot.LICENSE": "text/plain",
 }
-
-
-def asset(name: str) -> bytes:
-    """A file shipped in proxy/ops/static (package data)."""
-    return resources.files(__package__).joinpath("static", name).read_bytes()
 
 
 def bearer(authorization: str | None) -> str | None:
@@ -83,8 +78,8 @@ def _json(payload: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(payload), status=status, headers=COMMON, content_type="application/json")
 
 
-def _state_json(source: OpsSource) -> bytes:
-    return orjson.dumps(page_state(source))
+async def _state_json(source: OpsSource) -> bytes:
+    return orjson.dumps(await page_state(source))
 
 
 async def page(request: web.Request) -> web.Response:
@@ -93,7 +88,7 @@ async def page(request: web.Request) -> web.Response:
     source = request.app[SOURCE]
     # The state goes in as JSON in a non-executable script element; "<" is escaped so that no
     # value (a model name a caller sent, say) can close the element.
-    state = _state_json(source).replace(b"<", b"\\u003c").decode()
+    state = (await _state_json(source)).replace(b"<", b"\\u003c").decode()
     body = (asset("dashboard.html").decode()
             .replace("{{instance}}", html.escape(source.instance))
             .replace("{{state}}", state))
@@ -113,7 +108,7 @@ async def assets(request: web.Request) -> web.Response:
 async def state(request: web.Request) -> web.Response:
     if (refused := _admitted(request)) is not None:
         return refused
-    return web.Response(body=_state_json(request.app[SOURCE]), headers=COMMON, content_type="application/json")
+    return web.Response(body=await _state_json(request.app[SOURCE]), headers=COMMON, content_type="application/json")
 
 
 async def record(request: web.Request) -> web.Response:
@@ -151,8 +146,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _frame(source: OpsSource) -> bytes:
-    return b"event: state\ndata: " + _state_json(source) + b"\n\n"
+async def _frame(source: OpsSource) -> bytes:
+    return b"event: state\ndata: " + await _state_json(source) + b"\n\n"
 
 
 async def _close_feed(app: web.Application) -> None:

@@ -12,7 +12,7 @@ construction holds key names, never keys.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ LATEST = 50             # decisions in the page's list
 @dataclass(frozen=True)
 class OpsSource:
     live: LiveStats
-    deployments: Callable[[], dict[str, Any]]       # read_deployments over the current state and config
+    deployments: Callable[[], Awaitable[dict[str, Any]]]    # read_deployments over the current state and config
     authorize: Callable[[str | None, str | None], None]     # (Authorization, peer address); raises 401/403
     in_flight: Callable[[], int]
     instance: str
@@ -45,7 +45,8 @@ def summary(d: Decision) -> dict[str, Any]:
     }
 
 
-def page_state(source: OpsSource) -> dict[str, Any]:
+async def page_state(source: OpsSource) -> dict[str, Any]:
+    deployments = await source.deployments()        # first: a shared store answers over the network
     now = source.clock()
     live = source.live
     return {
@@ -56,7 +57,7 @@ def page_state(source: OpsSource) -> dict[str, Any]:
         "shared_state": source.shared_state(),
         "minute": live.minute(now),
         "series": live.series(now),
-        "state": source.deployments(),
+        "state": deployments,
         "decisions": [summary(d) for d in live.latest(LATEST)],
         "quality": live.quality_view(),
         "totals": live.totals,

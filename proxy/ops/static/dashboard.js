@@ -63,7 +63,7 @@
 
   // ------------------------------------------------------------------ charts (uPlot)
   const charts = {};
-  function chart(id, series, data) {
+  function chart(id, series, data, format) {
     const target = $(id);
     const width = Math.max(300, target.clientWidth || 480);
     if (!charts[id]) {
@@ -71,7 +71,7 @@
         width: width, height: 200, legend: { live: false },
         scales: { x: { time: true } },
         series: [{}].concat(series.map((s) => ({ label: s[0], stroke: s[1], width: 1.5, spanGaps: s[2] || false }))),
-        axes: [{}, { size: 56 }],
+        axes: [{}, format ? { size: 64, values: (u, ticks) => ticks.map(format) } : { size: 56 }],
       }, data, target);
     } else {
       charts[id].setData(data);
@@ -80,6 +80,13 @@
   window.addEventListener("resize", () => {
     for (const id in charts) charts[id].setSize({ width: Math.max(300, $(id).clientWidth), height: 200 });
   });
+
+  function rollingMinute(values) {       // each point: the sum of the 60 seconds up to it
+    const out = [];
+    let sum = 0;
+    values.forEach((v, i) => { sum += v; if (i >= 60) sum -= values[i - 60]; out.push(Math.max(0, sum)); });
+    return out;
+  }
 
   // ------------------------------------------------------------------ one state document
   let probeDeadlines = [];       // [element, epoch ms] for the countdowns
@@ -116,7 +123,8 @@
       [s.t, s.requests, s.failed, s.fallbacks]);
     chart("chart-latency", [["added p50", "#2f6fde", true], ["added p99", "#7b1fa2", true], ["TTFT p50", "#1a7f37", true]],
       [s.t, s.overhead_p50_ms, s.overhead_p99_ms, s.ttft_p50_ms]);
-    chart("chart-cost", [["USD / s", "#1a7f37"]], [s.t, s.cost_usd]);
+    chart("chart-cost", [["USD per minute", "#1a7f37"]],
+      [s.t, rollingMinute(s.cost_usd)], (v) => "$" + Number(v.toPrecision(2)));
 
     $("state-scope").textContent = state.shared_state ? "cluster-wide (shared state)" : "this instance";
     probeDeadlines = [];
@@ -145,7 +153,7 @@
       const skipped = el("td", d.skipped.map((x) => x.model + ": " + x.reason).join("; "));
       const ok = d.outcome === "ok";
       return [new Date(d.time * 1000).toLocaleTimeString(), el("td", d.request_id, "mono"), d.instance || "-",
-        d.key || "-", d.tier || "-", d.rule || "-", d.chain || "-",
+        d.key || "-", d.tier || "-", d.requested_model || "-", d.rule || "-", d.chain || "-",
         (d.served_model || "-") + (d.served_provider ? " @ " + d.served_provider : ""), attempts, skipped,
         el("td", d.outcome + " " + d.status, ok ? "outcome-ok" : "outcome-bad"), numCell(usd(d.cost_usd)),
         numCell(ms(d.duration_ms))];

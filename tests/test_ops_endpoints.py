@@ -1,0 +1,148 @@
+"""The operations page's endpoints over HTTP: the admin key guards all of them (401 without a
+key or with an unknown one, 403 for a key that is not an admin key), no answer ever holds a
+secret, the SSE feed keeps its rate and its cap, and an open page never holds up shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import aiohttp
+import pytest
+
+from proxy.ops.feed import MAX_LISTENERS
+
+from .conftest import MakeGateway, RunningGateway, model_entry
+
+PROVIDER_KEY = "sk-sim-provider-secret-0001"        # what the fleet fixture exports for the providers
+ADMIN_KEY = "gw-admin-0123456789abcdef"
+APP_KEY = "gw-app-fedcba9876543210"
+ENDPOINTS = ("/dashboard", "/dashboard/state", "/dashboard/events", "/dashboard/assets/dashboard.js",
+             "/dashboard/requests/anything")
+
+
+@pytest.fixture
+async def keyed(make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch) -> RunningGateway:
+    monkeypatch.setenv("OPS_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setenv("OPS_APP_KEY", APP_KEY)
+    return await make_gateway(
+        {"fast": model_entry("fast-n3"), "leaky": model_entry("leaky-401")},
+        {"chains": {"main": ["fast"], "leak": ["leaky", "fast"]}, "default": "main",
+         "keys": [{"name": "ops", "key_env": "OPS_ADMIN_KEY", "tier": "standard", "admin": True},
+                  {"name": "app", "key_env": "OPS_APP_KEY", "tier": "standard", "rpm": 50}]})
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _basic(key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"operator:{key}".encode()).decode()}
+
+
+async def _get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=headers or {}) as resp:
+        body = await resp.content.read(64 * 1024) if "event-stream" in resp.content_type else await resp.read()
+        return resp.status, dict(resp.headers), body
+
+
+async def test_every_endpoint_needs_the_admin_key(keyed: RunningGateway) -> None:
+    for path in ENDPOINTS:
+        status, headers, body = await _get(keyed.url + path)
+        assert status == 401, path
+        assert headers["WWW-Authenticate"].startswith("Basic "), path        # the browser asks for it
+        assert b'"type":"authentication_error"' in body
+        for wrong in (_bearer("gw-not-a-key"), _basic("gw-not-a-key"), {"Authorization": "Basic !!"}):
+            assert (await _get(keyed.url + path, wrong))[0] == 401, (path, wrong)
+        for not_admin in (_bearer(APP_KEY), _basic(APP_KEY)):
+            status, _, body = await _get(keyed.url + path, not_admin)
+            assert status == 403, path
+            assert APP_KEY.encode() not in body
+    for path in ("/dashboard", "/dashboard/state", "/dashboard/assets/dashboard.js"):
+        assert (await _get(keyed.url + path, _bearer(ADMIN_KEY)))[0] == 200, path
+        assert (await _get(keyed.url + path, _basic(ADMIN_KEY)))[0] == 200, path
+
+
+async def test_no_answer_shows_a_secret(keyed: RunningGateway) -> None:
+    async with aiohttp.ClientSession() as session:
+        # The upstream answers 401 and echoes the provider key it was sent; the app key is used.
+        async with session.post(keyed.base + "/chat/completions", headers=_bearer(APP_KEY),
+                                json={"model": "leak", "messages": [{"role": "user", "content": "hi"}]}) as resp:
+            assert resp.status == 200
+            request_id = resp.headers["X-Request-Id"]
+    seen = b""
+    for path in ("/dashboard", "/dashboard/state", f"/dashboard/requests/{request_id}", "/dashboard/events"):
+        status, _, body = await _get(keyed.url + path, _bearer(ADMIN_KEY))
+        assert status == 200, path
+        seen += body
+    assert request_id.encode() in seen and b'"key":"app"' in seen and b'"failure":"auth"' in seen
+    for secret in (PROVIDER_KEY, APP_KEY, ADMIN_KEY):
+        assert secret.encode() not in seen
+
+
+async def test_state_and_records(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"fast": model_entry("fast-n3")})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.base + "/chat/completions",
+                                json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]}) as resp:
+            request_id = resp.headers["X-Request-Id"]
+        async with session.get(gw.url + "/dashboard/state") as resp:
+            state = await resp.json()
+        async with session.get(gw.url + f"/dashboard/requests/{request_id}") as resp:
+            record = await resp.json()
+        async with session.get(gw.url + "/dashboard/requests/req_unknown") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "request_not_found"
+        async with session.get(gw.url + "/dashboard/assets/../../config.py") as resp:
+            assert resp.status == 404
+    assert state["totals"]["requests"] == 1 and state["minute"]["by_model"] == {"fast": 1}
+    assert state["decisions"][0]["request_id"] == request_id
+    assert state["state"]["deployments"][0]["breaker"] == "closed"
+    assert record["request_id"] == request_id and record["instance"] == gw.gateway.instance
+    assert record["served_model"] == "fast" and record["attempts"][0]["deployment"] == "fast/sim-openai/0"
+
+
+async def _read_events(session: aiohttp.ClientSession, url: str, seconds: float) -> int:
+    count = 0
+    async with session.get(url + "/dashboard/events") as resp:
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            try:
+                line = await asyncio.wait_for(resp.content.readline(), left)
+            except TimeoutError:
+                break
+            count += line == b"event: state\n"
+    return count
+
+
+async def test_the_feed_sends_a_frame_a_second_and_caps_open_pages(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"fast": model_entry("fast-n3")})
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        counts = await asyncio.gather(*(_read_events(session, gw.url, 2.5) for _ in range(MAX_LISTENERS)),
+                                      _late_refused(session, gw.url))
+    for count in counts[:-1]:
+        assert 2 <= count <= 4, counts              # 1 per second: the first at once, then every second
+
+
+async def _late_refused(session: aiohttp.ClientSession, url: str) -> int:
+    await asyncio.sleep(1.0)                         # the others are open by now
+    async with session.get(url + "/dashboard/events") as resp:
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "10"
+        assert (await resp.json())["error"]["code"] == "too_many_pages"
+    return 0
+
+
+async def test_an_open_page_does_not_hold_up_shutdown(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"fast": model_entry("fast-n3")})
+    async with aiohttp.ClientSession() as session, session.get(gw.url + "/dashboard/events") as resp:
+        assert resp.status == 200
+        await resp.content.readline()
+        started = time.monotonic()
+        await gw.app.shutdown()                      # what runner.cleanup() runs before waiting for handlers
+        rest = await asyncio.wait_for(resp.content.read(), 5)
+        assert time.monotonic() - started < 2.0
+        assert rest.count(b"event: state") <= 1      # the stream ended rather than going on
