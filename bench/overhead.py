@@ -1,6 +1,6 @@
 """What the gateway adds to a request: direct-to-simulator vs through the gateway, in one run.
 
-    python -m bench.overhead [--runs 3] [--quick] [--workers 1] [--json-out FILE]
+    python -m bench.overhead [--runs 3] [--quick] [--workers 1] [--page] [--json-out FILE]
 
 Starts the simulator (`python -m bench.simserver`) and the gateway (`python -m proxy serve`
 with config files written to a temp dir, pointing at the simulator) as separate processes,
@@ -14,6 +14,11 @@ aiohttp client (a keep-alive pool on uvloop):
                the client's read (chunks are stamped with CLOCK_MONOTONIC by the simulator)
   memory       gateway RSS with 1,000 streams held open vs idle, per open stream
 
+`--page` measures instead what an open operations page costs: the same fixed-rate latency
+and streaming phases, direct, through the gateway with no page open, and through the
+gateway while `pages` /dashboard SSE streams are open and reading their frame a second,
+all in the same run (the order reverses from run to run).
+
 Direct and gateway phases alternate in order from run to run so drift hits both; with
 `--runs N` each figure is the median over the runs with its [min, max] spread. Prints JSON
 on stdout and a markdown table on stderr. Loopback only; every phase is bounded.
@@ -25,232 +30,21 @@ import argparse
 import asyncio
 import os
 import platform
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-import yaml
 
+from .fleet import INSTANT, Fleet, Settings, core_plan, cpu_ns, paced_model, rss_kb, slow_model
 from .loadgen import Result, Target, closed_loop, open_loop, send
 from .stats import across_runs, ratio, summary
 
-SIM_KEY_ENV = "BENCH_SIM_KEY"
 TARGETS = {   # figure -> (target, how it is read); the README's table is built from these
     "routing_p99_us": 50, "added_p50_ms_200": 0.5, "added_p99_ms_200": 2.0, "added_ttft_p50_ms": 1.0,
     "added_chunk_p99_ms": 1.0, "gateway_rps_c64": 3000, "kb_per_stream": 50,
 }
-
-
-@dataclass(frozen=True)
-class Settings:
-    rates: tuple[int, ...] = (200, 1000)
-    rate_seconds: float = 3.0
-    throughput_seconds: float = 3.0
-    concurrency: int = 64
-    streams: int = 150
-    stream_rate: float = 50.0
-    stream_tokens: int = 20
-    stream_gap_ms: int = 10
-    stream_ttft_ms: int = 5
-    open_streams: int = 1000
-    hold_seconds: float = 4.0
-    warmup: int = 300
-    workers: int = 1
-    decision_log: str = "file"          # file | off
-
-    @classmethod
-    def quick(cls) -> Settings:
-        return cls(rates=(200,), rate_seconds=0.3, throughput_seconds=0.3, concurrency=8, streams=6,
-                   stream_rate=30, stream_tokens=4, stream_gap_ms=5, open_streams=20, hold_seconds=0.6, warmup=20)
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def core_plan(workers: int) -> dict[str, list[int] | None]:
-    """Which cores each process gets; None everywhere when pinning is not possible."""
-    cores = sorted(os.sched_getaffinity(0))
-    if shutil.which("taskset") is None or len(cores) < 2:
-        return {"gateway": None, "simulator": None, "client": None}
-    gateway = cores[-workers:] if len(cores) > workers else cores[-1:]
-    rest = [c for c in cores if c not in gateway] or cores[:1]
-    return {"gateway": gateway, "simulator": rest[:1], "client": rest[-1:]}
-
-
-def pinned(command: list[str], cores: list[int] | None) -> list[str]:
-    return ["taskset", "-c", ",".join(map(str, cores)), *command] if cores else command
-
-
-def rss_kb(pid: int) -> int:
-    """Resident memory of a process and its children (the --workers processes)."""
-    total = 0
-    for p in [pid, *_children(pid)]:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
-
-
-def cpu_ns(pid: int) -> int:
-    """CPU time used so far by every thread of a process and its children (schedstat, ns)."""
-    total = 0
-    for p in [pid, *_children(pid)]:
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                total += int((task / "schedstat").read_text().split()[0])
-            except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
-                continue
-    return total
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (FileNotFoundError, ValueError):
-        return []
-
-
-def write_config(directory: Path, sim_port: int, s: Settings) -> tuple[Path, Path]:
-    base = f"http://127.0.0.1:{sim_port}"
-    timeouts = {"connect_s": 5, "first_token_s": 30, "idle_s": 30, "total_s": 120}
-    providers = {
-        "sim": {"api": "openai", "base_url": f"{base}/openai/v1", "api_key_env": SIM_KEY_ENV, "timeouts": timeouts},
-        "stamped": {"api": "openai", "base_url": f"{base}/stamped/v1", "api_key_env": SIM_KEY_ENV,
-                    "timeouts": timeouts},
-    }
-
-    def model(provider: str, upstream: str) -> dict[str, Any]:
-        return {"tier": 2, "context_window": 128000, "max_output_tokens": 4096,
-                "price": {"input": 1.0, "output": 2.0}, "capabilities": ["code", "json", "tools"],
-                "deployments": [{"provider": provider, "model": upstream}]}
-
-    models = {"instant": model("sim", INSTANT), "paced": model("stamped", paced_model(s)),
-              "slow": model("sim", slow_model(s))}
-    routes = {
-        "chains": {"to-instant": ["instant"], "to-paced": ["paced"], "to-slow": ["slow"]},
-        "rules": [      # the shipped routing guide's shape, with the bench's chains
-            {"name": "long-context", "when": {"input_tokens": {"gt": 50000}}, "chain": "to-instant"},
-            {"name": "code", "when": {"task_type": "code", "tier": {"in": ["standard", "premium"]}},
-             "chain": "to-instant"},
-            {"name": "paced", "when": {"task_type": "paced"}, "chain": "to-paced"},
-            {"name": "slow", "when": {"task_type": "slow"}, "chain": "to-slow"},
-            {"name": "free-tier", "when": {"tier": "free"}, "chain": "to-instant"},
-        ],
-        "default": "to-instant",
-        "server": {"decision_log": str(directory / "decisions.jsonl") if s.decision_log == "file" else "off",
-                   "drain_timeout_s": 2},
-    }
-    p, r = directory / "providers.yaml", directory / "routes.yaml"
-    p.write_text(yaml.safe_dump({"providers": providers, "models": models}, sort_keys=False))
-    r.write_text(yaml.safe_dump(routes, sort_keys=False))
-    return p, r
-
-
-INSTANT = "bench-instant"
-
-
-def paced_model(s: Settings) -> str:
-    return f"bench-ttft{s.stream_ttft_ms}-gap{s.stream_gap_ms}-n{s.stream_tokens}"
-
-
-def slow_model(s: Settings) -> str:
-    tokens = 5
-    return f"bench-ttft10-gap{int(s.hold_seconds * 1000 / (tokens - 1))}-n{tokens}"
-
-
-class Fleet:
-    """The simulator and the gateway as child processes; stopped (SIGTERM, then SIGKILL) on exit."""
-
-    def __init__(self, settings: Settings, cores: dict[str, list[int] | None]) -> None:
-        self.settings = settings
-        self.cores = cores
-        self.tmp = tempfile.TemporaryDirectory(prefix="bench-overhead-")
-        self.dir = Path(self.tmp.name)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.sim_port = 0
-        self.gateway_port = 0
-        self.gateway: subprocess.Popen[bytes] | None = None
-        self.simulator: subprocess.Popen[bytes] | None = None
-        self.bare: subprocess.Popen[bytes] | None = None
-        self.bare_port = 0
-
-    def start(self) -> None:
-        root = Path(__file__).resolve().parent.parent
-        env = {**os.environ, SIM_KEY_ENV: "sk-bench-not-a-secret", "PYTHONPATH": str(root)}
-        self.simulator, self.sim_port = self._spawn_ready("simulator", ["bench.simserver"], env, root)
-        self.bare, self.bare_port = self._spawn_ready("bareproxy", [
-            "bench.bareproxy", "--upstream", f"http://127.0.0.1:{self.sim_port}/openai/v1/chat/completions"],
-            env, root, self.cores["gateway"])
-        providers, routes = write_config(self.dir, self.sim_port, self.settings)
-        self.gateway_port = free_port()
-        gw_log = open(self.dir / "gateway.log", "wb")
-        command = [sys.executable, "-m", "proxy", "serve", "--providers", str(providers), "--routes", str(routes),
-                   "--host", "127.0.0.1", "--port", str(self.gateway_port), "--workers",
-                   str(self.settings.workers), "--log-level", "warning"]
-        self.gateway = subprocess.Popen(pinned(command, self.cores["gateway"]), stdout=subprocess.DEVNULL,
-                                        stderr=gw_log, env=env, cwd=self.dir)
-        self.procs.append(self.gateway)
-
-    def _spawn_ready(self, name: str, module: list[str], env: dict[str, str], root: Path,
-                     cores: list[int] | None = None) -> tuple[subprocess.Popen[bytes], int]:
-        """Start a bench server that prints `ready <port>`; its stderr goes to NAME.log."""
-        log = open(self.dir / f"{name}.log", "wb")
-        proc = subprocess.Popen(pinned([sys.executable, "-m", *module, "--port", "0"],
-                                       cores if cores is not None else self.cores["simulator"]),
-                                stdout=subprocess.PIPE, stderr=log, env=env, cwd=root)
-        self.procs.append(proc)
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode()
-        if not line.startswith("ready "):
-            raise RuntimeError(f"{name} did not start: {line!r}; see {self.dir / f'{name}.log'}")
-        return proc, int(line.split()[1])
-
-    async def wait_ready(self, limit_s: float = 20.0) -> None:
-        url = f"http://127.0.0.1:{self.gateway_port}/readyz"
-        deadline = time.monotonic() + limit_s
-        async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                assert self.gateway is not None
-                if self.gateway.poll() is not None:
-                    break
-                try:
-                    async with session.get(url) as response:
-                        if response.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        log = (self.dir / "gateway.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"the gateway did not become ready:\n{log}")
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
-        self.tmp.cleanup()
 
 
 # --------------------------------------------------------------------------- phases
@@ -396,15 +190,33 @@ async def phase_memory(fleet: Fleet, paths: Paths, s: Settings) -> dict[str, Any
             "errors": errors}
 
 
-async def one_run(s: Settings, cores: dict[str, list[int] | None], index: int) -> dict[str, Any]:
+async def one_run(s: Settings, cores: dict[str, list[int] | None], index: int, page: bool = False
+                  ) -> dict[str, Any]:
     """One run on fresh processes, so that no run inherits another's heap."""
     fleet = Fleet(s, cores)
     try:
         fleet.start()
         await fleet.wait_ready()
+        if page:
+            return await measure_page(fleet, Paths(fleet, s), s, index)
         return await measure(fleet, Paths(fleet, s), s, index)
     finally:
         fleet.stop()
+
+
+async def _warm(session: aiohttp.ClientSession, paths: Paths, order: list[str], s: Settings) -> None:
+    for path in order:         # warm the pools, the caches and both servers
+        target = paths.plain[path]
+        await closed_loop(lambda t=target: send(session, t), 8, s.warmup, 10)
+        stream_target = paths.paced[path]
+        await closed_loop(lambda t=stream_target: send(session, t), 4, 8, 10)
+
+
+async def measure_page(fleet: Fleet, paths: Paths, s: Settings, index: int) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
+        await _warm(session, paths, ["direct", "gateway"], s)
+        return {"page": await phase_page(session, fleet, paths, index, s)}
 
 
 async def measure(fleet: Fleet, paths: Paths, s: Settings, index: int) -> dict[str, Any]:
@@ -412,11 +224,7 @@ async def measure(fleet: Fleet, paths: Paths, s: Settings, index: int) -> dict[s
     result: dict[str, Any] = {}
     connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as session:
-        for path in order:         # warm the pools, the caches and both servers
-            target = paths.plain[path]
-            await closed_loop(lambda t=target: send(session, t), 8, s.warmup, 10)
-            stream_target = paths.paced[path]
-            await closed_loop(lambda t=stream_target: send(session, t), 4, 8, 10)
+        await _warm(session, paths, order, s)
         # Memory first: later phases leave freed heap behind that would hide what streams cost.
         result["memory"] = await phase_memory(fleet, paths, s)
         for rate in s.rates:
@@ -424,6 +232,65 @@ async def measure(fleet: Fleet, paths: Paths, s: Settings, index: int) -> dict[s
         result["throughput"] = await phase_throughput(session, paths, order, s)
         result["streaming"] = await phase_streaming(session, paths, order, s)
     return result
+
+
+async def _watch_page(url: str, frames: list[int], stop: asyncio.Event) -> None:
+    """One open operations page: read its SSE feed until told to stop, counting frames."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/dashboard/events") as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"/dashboard/events answered {resp.status}")
+        while not stop.is_set():
+            try:
+                line = await asyncio.wait_for(resp.content.readline(), 0.5)
+            except TimeoutError:
+                continue
+            if not line:
+                return
+            if line.startswith(b"data: "):
+                orjson.loads(line[6:])          # what a browser does with each frame
+                frames.append(1)
+
+
+async def phase_page(session: aiohttp.ClientSession, fleet: Fleet, paths: Paths, index: int,
+                     s: Settings) -> dict[str, Any]:
+    """Direct, gateway with no page open, gateway with `s.pages` pages streaming: same run."""
+    gateway_url = f"http://127.0.0.1:{fleet.gateway_port}"
+    rate = s.rates[0]
+    order = ["direct", "closed", "open"] if index % 2 == 0 else ["open", "closed", "direct"]
+    out: dict[str, Any] = {}
+    for state in order:
+        stop = asyncio.Event()
+        frames: list[int] = []
+        watchers = [asyncio.create_task(_watch_page(gateway_url, frames, stop))
+                    for _ in range(s.pages if state == "open" else 0)]
+        if watchers:
+            await asyncio.sleep(1.5)            # the feed is running and every page has had a frame
+        path = "direct" if state == "direct" else "gateway"
+        target, stream_target = paths.plain[path], paths.paced[path]
+        cpu = cpu_ns(paths.gateway_pid)
+        results, _ = await open_loop(lambda t=target: send(session, t), rate, int(rate * s.rate_seconds) + 1,
+                                     s.rate_seconds)
+        figures = _ms(results)
+        if path == "gateway":
+            figures["cpu_us_per_request"] = _cpu_per_request(paths.gateway_pid, cpu, results)
+        streams, _ = await open_loop(lambda t=stream_target: send(session, t), s.stream_rate, s.streams,
+                                     s.streams / s.stream_rate + 1)
+        ttft = summary([r.ttft_s for r in streams if r.ttft_s is not None], 1000)
+        figures.update({"ttft_p50_ms": ttft["p50"], "ttft_p99_ms": ttft["p99"], "stream_errors": _errors(streams)})
+        stop.set()
+        await asyncio.gather(*watchers)
+        if watchers:
+            figures["page_frames"] = len(frames)
+        out[state] = figures
+    d, closed, opened = out["direct"], out["closed"], out["open"]
+    for name, g in (("closed", closed), ("open", opened)):
+        out[f"added_p50_ms_{name}"] = round(g["p50_ms"] - d["p50_ms"], 3)
+        out[f"added_p99_ms_{name}"] = round(g["p99_ms"] - d["p99_ms"], 3)
+        out[f"added_ttft_p50_ms_{name}"] = round(g["ttft_p50_ms"] - d["ttft_p50_ms"], 3)
+    out["page_minus_no_page_p50_ms"] = round(opened["p50_ms"] - closed["p50_ms"], 3)
+    out["page_minus_no_page_p99_ms"] = round(opened["p99_ms"] - closed["p99_ms"], 3)
+    out["page_minus_no_page_ttft_p50_ms"] = round(opened["ttft_p50_ms"] - closed["ttft_p50_ms"], 3)
+    return out
 
 
 def machine(cores: dict[str, list[int] | None]) -> dict[str, Any]:
@@ -439,11 +306,11 @@ def machine(cores: dict[str, list[int] | None]) -> dict[str, Any]:
             "loadavg_at_start": os.getloadavg()[0], "cores": cores}
 
 
-async def run(s: Settings, runs: int) -> dict[str, Any]:
+async def run(s: Settings, runs: int, page: bool = False) -> dict[str, Any]:
     cores = core_plan(s.workers)
     if cores["client"]:
         os.sched_setaffinity(0, set(cores["client"]))
-    results = [await one_run(s, cores, i) for i in range(runs)]
+    results = [await one_run(s, cores, i, page) for i in range(runs)]
     folded = across_runs(results) if runs > 1 else results[0]
     return {"bench": "overhead", "runs": runs, "machine": machine(cores),
             "settings": {k: v for k, v in vars(s).items()}, **folded}
@@ -455,6 +322,24 @@ async def run(s: Settings, runs: int) -> dict[str, Any]:
 def _spread(section: dict[str, Any], key: str) -> str:
     spread = section.get(f"{key}_spread")
     return f" [{spread[0]:g}, {spread[1]:g}]" if spread else ""
+
+
+def page_markdown(result: dict[str, Any]) -> str:
+    """The --page table: the gateway's added latency with no page open and with pages streaming."""
+    p = result["page"]
+    rows = ["| figure | direct | gateway, no page | gateway, pages open | page minus no page |",
+            "|---|---|---|---|---|"]
+    rate = result["settings"]["rates"][0]
+    for q, label in (("p50", f"latency p50 at {rate} rps (ms)"), ("p99", f"latency p99 at {rate} rps (ms)"),
+                     ("ttft_p50", "stream TTFT p50 (ms)")):
+        key = f"{q}_ms" if q != "ttft_p50" else "ttft_p50_ms"
+        rows.append(f"| {label} | {p['direct'][key]:g} | {p['closed'][key]:g} (added "
+                    f"{p[f'added_{key}_closed']:+g}) | {p['open'][key]:g} (added {p[f'added_{key}_open']:+g}) | "
+                    f"{p[f'page_minus_no_page_{key}']:+g}{_spread(p, f'page_minus_no_page_{key}')} |")
+    rows.append(f"| gateway CPU per request (µs) | | {p['closed']['cpu_us_per_request']:g} | "
+                f"{p['open']['cpu_us_per_request']:g} | |")
+    rows.append(f"| page frames received | | | {p['open']['page_frames']:g} | |")
+    return "\n".join(rows)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -500,21 +385,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, help="paced streams per path (default 150)")
     parser.add_argument("--open-streams", type=int, help="streams held open for the memory figure (default 1000)")
     parser.add_argument("--decision-log", choices=("file", "off"), help="the gateway's decision log (default file)")
+    parser.add_argument("--page", action="store_true",
+                        help="measure the gateway with and without operations pages open (same run)")
+    parser.add_argument("--pages", type=int, help="pages open in the --page comparison (default 2)")
     parser.add_argument("--json-out", help="also write the JSON here")
     args = parser.parse_args(argv)
     s = Settings.quick() if args.quick else Settings()
     overrides = {"workers": args.workers, "rate_seconds": args.rate_seconds,
                  "throughput_seconds": args.throughput_seconds, "streams": args.streams,
-                 "open_streams": args.open_streams, "decision_log": args.decision_log}
+                 "open_streams": args.open_streams, "decision_log": args.decision_log, "pages": args.pages}
     s = Settings(**{**vars(s), **{k: v for k, v in overrides.items() if v is not None}})
     import uvloop
 
-    result = uvloop.run(run(s, max(1, args.runs)))
+    result = uvloop.run(run(s, max(1, args.runs), args.page))
     data = orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS) + b"\n"
     sys.stdout.buffer.write(data)
     if args.json_out:
         Path(args.json_out).write_bytes(data)
-    print(markdown(result), file=sys.stderr)
+    print(page_markdown(result) if args.page else markdown(result), file=sys.stderr)
     return 0
 
 

@@ -74,6 +74,16 @@ def test_overhead_measures_both_paths() -> None:
     assert "| figure | direct | gateway |" in proc.stderr
 
 
+def test_overhead_page_mode_compares_no_page_with_pages_streaming() -> None:
+    proc = run_module("bench.overhead", "--quick", "--runs", "1", "--page", timeout=90)
+    page = as_json(proc)["page"]
+    for state in ("direct", "closed", "open"):
+        assert page[state]["n"] > 0 and page[state]["errors"] == 0 and page[state]["stream_errors"] == 0
+    assert page["open"]["page_frames"] >= 2                 # the pages really were open and streaming
+    assert isinstance(page["page_minus_no_page_p50_ms"], float)
+    assert "| figure | direct | gateway, no page | gateway, pages open |" in proc.stderr
+
+
 def test_load_summarises_plain_and_streamed_requests(simserver: int) -> None:
     url = f"http://127.0.0.1:{simserver}/openai/v1/chat/completions"
     plain = as_json(run_module("bench.load", url, "--model", "bench-instant", "--concurrency", "4",
