@@ -3,12 +3,14 @@
 A map of the package, a line per room:
 
   __main__      the command line: assembles the parser from proxy.commands
-  commands/     one module per command: serve, check, explain, demo, report, chaos, systemd
-                (systemd-unit); __init__ holds the helpers they share
+  commands/     one module per command: serve, check, explain, demo, report (and report_html,
+                its --html page), chaos, systemd (systemd-unit); __init__ holds the helpers they share
   server/       the HTTP layer: app (wiring, serving loop, signals, the drain), edge (body
                 decoding, request ids, JSON and SSE answers, error middleware), admin (route,
                 feedback, models, health, metrics), cors (browser clients), workers (--workers N),
                 connections (head and keep-alive bounds, the connection limit, malformed HTTP)
+  ops/          the live operations page (/dashboard): rolling aggregates fed once per
+                request, the state reader, the SSE feed, the page and its vendored chart library
   inbound/      the client APIs, one module per surface: chat (chat completions), messages
                 (Anthropic Messages and count_tokens; messages_request checks and translates a
                 request, messages_answer encodes answers and streams), responses (OpenAI

@@ -146,3 +146,14 @@ async def test_an_open_page_does_not_hold_up_shutdown(make_gateway: MakeGateway)
         rest = await asyncio.wait_for(resp.content.read(), 5)
         assert time.monotonic() - started < 2.0
         assert rest.count(b"event: state") <= 1      # the stream ended rather than going on
+
+
+async def test_the_page_is_never_shared_with_another_origin(make_gateway: MakeGateway) -> None:
+    gw = await make_gateway({"fast": model_entry("fast-n3")},
+                            {"chains": {"main": ["fast"]}, "default": "main", "server": {"cors_origins": ["*"]}})
+    origin = {"Origin": "http://127.0.0.1:9"}
+    _, headers, _ = await _get(gw.url + "/v1/models", origin)
+    assert headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:9"      # the API is, as configured
+    for path in ("/dashboard", "/dashboard/state", "/dashboard/requests/x"):
+        _, headers, _ = await _get(gw.url + path, origin)
+        assert "Access-Control-Allow-Origin" not in headers, path

@@ -12,6 +12,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..errors import error_body
+from ..ops.pages import PREFIX as OPS_PREFIX
 from .edge import GATEWAY
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"      # DELETE: /v1/responses/{id}
@@ -52,8 +53,8 @@ async def preflight(request: web.Request) -> web.StreamResponse:
 
 async def mark_response(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: every answer to an allowed origin, preflight and stream included."""
-    if "Origin" not in request.headers:
-        return
+    if "Origin" not in request.headers or request.path.startswith(OPS_PREFIX):
+        return                  # the operations page is never for another origin
     origin = allowed_origin(request)
     response.headers.add("Vary", "Origin")
     if origin is None:
