@@ -24,13 +24,18 @@ import math
 import re
 import sys
 import time
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
 import orjson
 
+from .report_html import render
+
 DIMENSIONS = ("tier", "model", "rule")
+DAY_S = 86400
+TOP_REASONS = 12            # skip reasons the HTML report charts
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -199,6 +204,71 @@ def summarise(decisions: list[dict[str, Any]], feedback: list[dict[str, Any]], s
     ]}
 
 
+def _day(epoch: float) -> int:
+    return int(epoch // DAY_S * DAY_S)
+
+
+def skip_reasons(decisions: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """The most common reasons a candidate was passed over, most common first."""
+    counts: Counter[str] = Counter()
+    for record in decisions:
+        for skip in record.get("skipped") or ():
+            reason = str(skip.get("reason") or "unknown") if isinstance(skip, dict) else "unknown"
+            counts["skipped: " + reason.partition(":")[0]] += 1
+        for attempt in record.get("attempts") or ():
+            if isinstance(attempt, dict) and attempt.get("failure"):
+                counts["attempt failed: " + str(attempt["failure"])] += 1
+    return counts.most_common(TOP_REASONS)
+
+
+def daily(decisions: list[dict[str, Any]], feedback: list[dict[str, Any]], since: float | None
+          ) -> dict[str, Any]:
+    """The charts' data: one point per day that has records, per tier where it applies."""
+    requests: Counter[int] = Counter()
+    routed: Counter[int] = Counter()
+    fell_back: Counter[int] = Counter()
+    cost: dict[int, list[float]] = defaultdict(list)
+    tier_cost: dict[tuple[int, str], list[float]] = defaultdict(list)
+    scores: dict[tuple[int, str], list[float]] = defaultdict(list)
+    joined: dict[str, tuple[int, str]] = {}
+    kept = []
+    for record in decisions:
+        when = record_time(record.get("time"))
+        if when is None or (since is not None and when < since):
+            continue
+        kept.append(record)
+        day, tier = _day(when), str(record.get("tier") or "none")
+        joined[str(record["request_id"])] = (day, tier)
+        requests[day] += 1
+        attempts = len(record.get("attempts") or ())
+        routed[day] += attempts > 0
+        fell_back[day] += attempts > 1
+        spent = float(record.get("cost_usd") or 0.0)
+        cost[day].append(spent)
+        tier_cost[(day, tier)].append(spent)
+    for item in latest_scores(feedback):
+        found = joined.get(str(item["request_id"]))
+        if found is None:
+            when = record_time(item.get("time"))
+            if when is None or (since is not None and when < since):
+                continue
+            found = (_day(when), str(item.get("tier") or "none"))
+        scores[found].append(float(item["score"]))
+    days = sorted(set(requests) | {day for day, _ in scores})
+    tiers = sorted({tier for _, tier in tier_cost} | {tier for _, tier in scores})
+    return {
+        "days": days,
+        "tiers": tiers,
+        "cost_by_tier": {t: [math.fsum(tier_cost.get((d, t), ())) for d in days] for t in tiers},
+        "avg_cost": [math.fsum(cost[d]) / requests[d] if requests[d] else None for d in days],
+        "fallback_rate": [fell_back[d] / routed[d] if routed[d] else None for d in days],
+        "quality_by_tier": {t: [math.fsum(s) / len(s) if (s := scores.get((d, t))) else None for d in days]
+                            for t in tiers},
+        "skip_reasons": skip_reasons(kept),
+        "requests": sum(requests.values()),
+    }
+
+
 # ------------------------------------------------------------------ the terminal table
 
 COLUMNS = ("requests", "avg cost $", "fallback", "quality (n)", "p50 ms", "p99 ms", "ttft p50", "ttft p99")
@@ -222,14 +292,18 @@ def _line(values: list[str], widths: list[int]) -> str:
     return "  ".join(v.ljust(widths[0]) if i == 0 else v.rjust(widths[i]) for i, v in enumerate(values))
 
 
+def week_table(week: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of one week: overall, then per tier, model and rule."""
+    rows = [("all", week["all"])] + [(f"{d} {k}", s) for d in DIMENSIONS for k, s in week[d].items()]
+    return [f"week {week['week']}", *COLUMNS], [[name, *row_cells(s)] for name, s in rows]
+
+
 def render_table(report: dict[str, Any]) -> str:
     if not report["weeks"]:
         return "no decision records\n"
     out: list[str] = []
     for week in report["weeks"]:
-        rows = [("all", week["all"])] + [(f"{d} {k}", s) for d in DIMENSIONS for k, s in week[d].items()]
-        cells = [[name, *row_cells(s)] for name, s in rows]
-        header = [f"week {week['week']}", *COLUMNS]
+        header, cells = week_table(week)
         widths = [max(len(r[i]) for r in [header, *cells]) for i in range(len(header))]
         rule = ["-" * w for w in widths]
         out += [_line(header, widths), _line(rule, widths), *(_line(c, widths) for c in cells), ""]
@@ -257,11 +331,9 @@ def run(args: argparse.Namespace) -> int:
     report = summarise(decisions, feedback, since)
     report["skipped_lines"] = skipped
     if args.html:
-        from .report_html import daily, render
-
         try:
             with open(args.html, "w", encoding="utf-8") as out:
-                out.write(render(report, daily(decisions, feedback, since)))
+                out.write(render([week_table(w) for w in report["weeks"]], daily(decisions, feedback, since)))
         except OSError as exc:
             print(f"error: cannot write {args.html}: {exc.strerror}", file=sys.stderr)
             return 1
