@@ -43,6 +43,9 @@
     return m < 60 ? m + " min " + s + " s" : Math.floor(m / 60) + " h " + (m % 60) + " min";
   }
 
+  // Seconds left, or what it means once none are: a breaker's probe is due with the next request.
+  function countdown(seconds, done) { return seconds > 0.05 ? duration(seconds) : done; }
+
   function bucketsCell(buckets) {
     const td = el("td");
     for (const b of buckets) {
@@ -63,15 +66,21 @@
 
   // ------------------------------------------------------------------ charts (uPlot)
   const charts = {};
-  function chart(id, series, data, format) {
+  // series: [label, colour, scale name, gaps spanned]; scales: {name: [side, tick format]}
+  function chart(id, series, data, scales) {
     const target = $(id);
     const width = Math.max(300, target.clientWidth || 480);
     if (!charts[id]) {
+      const axes = [{}];
+      for (const [name, [side, format]] of Object.entries(scales)) {
+        axes.push({ scale: name, side: side, size: 64, grid: { show: side === 3 },
+          values: (u, ticks) => ticks.map(format) });
+      }
       charts[id] = new uPlot({
         width: width, height: 200, legend: { live: false },
         scales: { x: { time: true } },
-        series: [{}].concat(series.map((s) => ({ label: s[0], stroke: s[1], width: 1.5, spanGaps: s[2] || false }))),
-        axes: [{}, format ? { size: 64, values: (u, ticks) => ticks.map(format) } : { size: 56 }],
+        series: [{}].concat(series.map((s) => ({ label: s[0], stroke: s[1], scale: s[2], width: 1.5, spanGaps: s[3] || false }))),
+        axes: axes,
       }, data, target);
     } else {
       charts[id].setData(data);
@@ -119,22 +128,24 @@
     fill("by-key", money(m.by_key));
 
     const s = state.series;
-    chart("chart-requests", [["requests", "#2f6fde"], ["failed", "#c62828"], ["fallbacks", "#b26a00"]],
-      [s.t, s.requests, s.failed, s.fallbacks]);
-    chart("chart-latency", [["added p50", "#2f6fde", true], ["added p99", "#7b1fa2", true], ["TTFT p50", "#1a7f37", true]],
-      [s.t, s.overhead_p50_ms, s.overhead_p99_ms, s.ttft_p50_ms]);
-    chart("chart-cost", [["USD per minute", "#1a7f37"]],
-      [s.t, rollingMinute(s.cost_usd)], (v) => "$" + Number(v.toPrecision(2)));
+    const plain = (v) => String(Number(v.toPrecision(3)));
+    chart("chart-requests", [["requests", "#2f6fde", "n"], ["failed", "#c62828", "n"], ["fallbacks", "#b26a00", "n"]],
+      [s.t, s.requests, s.failed, s.fallbacks], { n: [3, plain] });
+    chart("chart-latency", [["added p50 (left)", "#2f6fde", "ms", true], ["added p99 (left)", "#7b1fa2", "ms", true],
+      ["TTFT p50 (right)", "#1a7f37", "ttft", true]],
+      [s.t, s.overhead_p50_ms, s.overhead_p99_ms, s.ttft_p50_ms], { ms: [3, plain], ttft: [1, plain] });
+    chart("chart-cost", [["USD per minute", "#1a7f37", "usd"]],
+      [s.t, rollingMinute(s.cost_usd)], { usd: [3, (v) => "$" + Number(v.toPrecision(2))] });
 
     $("state-scope").textContent = state.shared_state ? "cluster-wide (shared state)" : "this instance";
     probeDeadlines = [];
     const deployments = fill("deployment-table", state.state.deployments.map((d) => {
       const badge = el("span", d.breaker.replace("_", "-"), "badge " + d.breaker);
       const breaker = el("td"); breaker.appendChild(badge); breaker.className = "breaker";
-      const probe = el("td", d.probe_in_s == null ? (d.breaker === "half_open" ? "probing" : "-") : duration(d.probe_in_s), "probe");
-      if (d.probe_in_s != null) probeDeadlines.push([probe, received + d.probe_in_s * 1000]);
-      const hold = el("td", d.held_for_s == null ? "-" : duration(d.held_for_s), d.held_for_s == null ? "" : "hold");
-      if (d.held_for_s != null) probeDeadlines.push([hold, received + d.held_for_s * 1000]);
+      const probe = el("td", d.probe_in_s == null ? (d.breaker === "half_open" ? "probing" : "-") : countdown(d.probe_in_s, "due"), "probe");
+      if (d.probe_in_s != null) probeDeadlines.push([probe, received + d.probe_in_s * 1000, "due"]);
+      const hold = el("td", d.held_for_s == null ? "-" : countdown(d.held_for_s, "over"), d.held_for_s == null ? "" : "hold");
+      if (d.held_for_s != null) probeDeadlines.push([hold, received + d.held_for_s * 1000, "over"]);
       return [el("td", d.id, "mono"), d.model, d.provider, breaker, probe, hold, numCell(d.in_flight), bucketsCell(d.buckets)];
     }), "no deployments");
     Array.from(deployments.rows).forEach((tr, i) => {
@@ -170,7 +181,7 @@
 
   setInterval(() => {
     const now = Date.now();
-    for (const [cell, deadline] of probeDeadlines) cell.textContent = duration(Math.max(0, (deadline - now) / 1000));
+    for (const [cell, deadline, done] of probeDeadlines) cell.textContent = countdown((deadline - now) / 1000, done);
   }, 200);
 
   // ------------------------------------------------------------------ one request's record
