@@ -6,8 +6,9 @@
   GET /dashboard/events               SSE: a `state` event per second while the page is open
   GET /dashboard/requests/{id}        one recent request's full decision record
 
-Every endpoint needs the admin key when routes.yaml has keys (the config's own admin
-check, handed in as `OpsSource.authorize`), and follows the loopback rule without keys.
+Every endpoint needs an admin key when routes.yaml has keys (the config's own admin
+check, handed in as `OpsSource.authorize`, the one /metrics uses); without keys the
+gateway serves loopback only, and so does the page.
 The key may come as `Authorization: Bearer KEY` (curl, scripts) or as HTTP Basic with the
 key as the password, which is what a browser sends after its own login prompt, also on
 the page's script, style and event-stream requests; so a 401 here carries
@@ -68,7 +69,7 @@ def _refusal(err: GatewayError) -> web.Response:
 def _admitted(request: web.Request) -> web.Response | None:
     """None when the caller may see the page, else the 401/403 answer."""
     try:
-        request.app[SOURCE].authorize(bearer(request.headers.get("Authorization")), request.remote)
+        request.app[SOURCE].authorize(bearer(request.headers.get("Authorization")))
     except GatewayError as err:
         return _refusal(err)
     return None

@@ -26,7 +26,7 @@ LATEST = 50             # decisions in the page's list
 class OpsSource:
     live: LiveStats
     deployments: Callable[[], Awaitable[dict[str, Any]]]    # read_deployments over the current state and config
-    authorize: Callable[[str | None, str | None], None]     # (Authorization, peer address); raises 401/403
+    authorize: Callable[[str | None], object]      # the admin check on `Authorization`; raises 401/403
     in_flight: Callable[[], int]
     instance: str
     shared_state: Callable[[], bool] = lambda: False     # breakers and buckets are cluster-wide
