@@ -36,7 +36,8 @@ class OpsSource:
 
 def summary(d: Decision) -> dict[str, Any]:
     return {
-        "request_id": d.request_id, "time": round(d.time, 3), "instance": d.instance, "key": d.key, "tier": d.tier,
+        "request_id": d.request_id, "time": round(d.time, 3), "api": d.api, "instance": d.instance, "key": d.key,
+        "tier": d.tier,
         "requested_model": d.requested_model, "stream": d.stream, "rule": d.rule, "chain": d.chain,
         "served_model": d.served_model, "served_provider": d.served_provider, "outcome": d.outcome,
         "status": d.status, "attempts": [{"model": a.model, "provider": a.provider, "failure": a.failure}

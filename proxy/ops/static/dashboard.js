@@ -164,7 +164,7 @@
       const skipped = el("td", d.skipped.map((x) => x.model + ": " + x.reason).join("; "));
       const ok = d.outcome === "ok";
       return [new Date(d.time * 1000).toLocaleTimeString(), el("td", d.request_id, "mono"), d.instance || "-",
-        d.key || "-", d.tier || "-", d.requested_model || "-", d.rule || "-", d.chain || "-",
+        d.key || "-", d.tier || "-", (d.requested_model || "-") + (d.api && d.api !== "chat" ? " (" + d.api + ")" : ""), d.rule || "-", d.chain || "-",
         (d.served_model || "-") + (d.served_provider ? " @ " + d.served_provider : ""), attempts, skipped,
         el("td", d.outcome + " " + d.status, ok ? "outcome-ok" : "outcome-bad"), numCell(usd(d.cost_usd)),
         numCell(ms(d.duration_ms))];
