@@ -84,6 +84,13 @@ def test_overhead_page_mode_compares_no_page_with_pages_streaming() -> None:
     assert "| figure | direct | gateway, no page | gateway, pages open |" in proc.stderr
 
 
+def test_ops_reports_the_cost_per_request_and_per_frame() -> None:
+    result = as_json(run_module("bench.ops", "--quick", "--rates", "50"))
+    assert 0 < result["observe_per_request"]["min_us"] <= result["observe_per_request"]["median_us"]
+    (frame,) = result["frame"]
+    assert frame["rate_rps"] == 50 and 0 < frame["min_ms"] <= frame["median_ms"] and frame["frame_bytes"] > 1000
+
+
 def test_load_summarises_plain_and_streamed_requests(simserver: int) -> None:
     url = f"http://127.0.0.1:{simserver}/openai/v1/chat/completions"
     plain = as_json(run_module("bench.load", url, "--model", "bench-instant", "--concurrency", "4",
