@@ -129,9 +129,11 @@ async def events(request: web.Request) -> web.StreamResponse:
         return refused
     feed = request.app[FEED]
     if not feed.join():
-        return web.Response(body=error_body(f"the operations page is open {feed.max_listeners} times already; "
-                                            "close one", "server_error", "too_many_pages"),
-                            status=503, headers={**COMMON, "Retry-After": "10"}, content_type="application/json")
+        body = error_body("the gateway is shutting down", "server_error", "shutting_down") if feed.closed else \
+            error_body(f"the operations page is open {feed.max_listeners} times already; close one",
+                       "server_error", "too_many_pages")
+        return web.Response(body=body, status=503, headers={**COMMON, "Retry-After": "10"},
+                            content_type="application/json")
     response = web.StreamResponse(headers={**COMMON, "Content-Type": "text/event-stream",
                                            "X-Accel-Buffering": "no"})
     try:
