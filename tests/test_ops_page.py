@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 import aiohttp
+import pytest
 
 from .browser import artifacts_dir, chromium, expect
 from .conftest import Fleet, MakeGateway, model_entry
@@ -87,3 +88,28 @@ async def test_the_page_follows_traffic_breakers_and_finds_a_request(make_gatewa
         assert browser.left_loopback() == []
         page_origin = gw.url + "/dashboard"
         assert all(u.startswith(page_origin) for u in browser.requests), browser.requests
+
+
+async def test_a_browser_signs_in_with_the_admin_key(make_gateway: MakeGateway, monkeypatch: Any) -> None:
+    monkeypatch.setenv("OPS_ADMIN_KEY", "gw-admin-page-0123456789")
+    monkeypatch.setenv("OPS_APP_KEY", "gw-app-page-9876543210")
+    gw = await make_gateway({"steady": model_entry("steady-n4")}, {
+        "chains": {"main": ["steady"]}, "default": "main",
+        "keys": [{"name": "ops", "key_env": "OPS_ADMIN_KEY", "tier": "standard", "admin": True},
+                 {"name": "app", "key_env": "OPS_APP_KEY", "tier": "standard"}]})
+    async with chromium() as browser:           # the gateway asks for credentials, and this browser has none
+        page = await browser.page()
+        with pytest.raises(Exception, match="ERR_INVALID_AUTH_CREDENTIALS"):
+            await page.goto(gw.url + "/dashboard")
+    async with chromium({"username": "ops", "password": "gw-app-page-9876543210"}) as browser:
+        page = await browser.page()
+        assert (await page.goto(gw.url + "/dashboard")).status == 403      # a key, but not an admin key
+    async with chromium({"username": "ops", "password": "gw-admin-page-0123456789"}) as browser:
+        page = await browser.page()
+        assert (await page.goto(gw.url + "/dashboard")).status == 200
+        await expect(page.locator("#link")).to_have_text("live", timeout=5000)     # the stream signed in too
+        async with aiohttp.ClientSession() as session:
+            assert (await _chat(session, gw.url, Authorization="Bearer gw-app-page-9876543210")).status == 200
+        await expect(page.locator("#total-requests")).to_have_text("1", timeout=WITHIN_MS)
+        assert await _text(page, "#by-key tbody") == "app\t1\t$0.000009\t$0.000009"
+        assert browser.errors == [] and browser.left_loopback() == []

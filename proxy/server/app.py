@@ -69,15 +69,10 @@ def ops_source(gateway: Gateway) -> OpsSource:
     return OpsSource(
         live=gateway.live,
         deployments=lambda: read_deployments(gateway.state, gateway.snapshot.config, gateway.clock()),
-        authorize=lambda authorization: _admin_placeholder(gateway, authorization),
+        authorize=lambda authorization: gateway.snapshot.authenticate_admin(authorization),   # as /metrics
         in_flight=lambda: len(gateway.in_flight),
         instance=gateway.instance,
     )
-
-
-def _admin_placeholder(gateway: Gateway, authorization: str | None) -> None:
-    # TODO(issue 11): `gateway.snapshot.authenticate_admin` replaces this before landing.
-    gateway.snapshot.authenticate(authorization)
 
 
 async def _start(app: web.Application) -> None:
