@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import time
 
 import aiohttp
@@ -13,7 +14,8 @@ import pytest
 
 from proxy.ops.feed import MAX_LISTENERS
 
-from .conftest import MakeGateway, RunningGateway, model_entry
+from .conftest import Fleet, MakeGateway, RunningGateway, model_entry
+from .redis_support import RedisServer
 
 PROVIDER_KEY = "sk-sim-provider-secret-0001"        # what the fleet fixture exports for the providers
 ADMIN_KEY = "gw-admin-0123456789abcdef"
@@ -157,3 +159,38 @@ async def test_the_page_is_never_shared_with_another_origin(make_gateway: MakeGa
     for path in ("/dashboard", "/dashboard/state", "/dashboard/requests/x"):
         _, headers, _ = await _get(gw.url + path, origin)
         assert "Access-Control-Allow-Origin" not in headers, path
+
+
+async def test_with_shared_state_a_page_shows_what_another_instance_saw(make_gateway: MakeGateway, fleet: Fleet,
+                                                                       redis_server: RedisServer) -> None:
+    """A breaker opened by the failures one instance saw is open, with its probe countdown, on
+    the page of another; each instance lists the requests it served, by instance id."""
+    prefix = f"ops{os.urandom(6).hex()}"
+    models = {"flaky": model_entry("flakyshared-n3"), "steady": model_entry("steadyshared-n3")}
+    routes = {"chains": {"main": ["flaky", "steady"]}, "default": "main",
+              "server": {"state": {"url": redis_server.url, "prefix": prefix, "instances": 2},
+                         "breaker": {"consecutive": 2, "open_s": 30, "max_open_s": 60}}}
+    one = await make_gateway(models, routes)
+    two = await make_gateway(models, {**routes})
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"http://127.0.0.1:{fleet.port}/_sim/faults",
+                                json={"model": "flakyshared-n3", "fault": "500"}):
+            pass
+        async with session.post(one.base + "/chat/completions",
+                                json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]}) as resp:
+            assert resp.status == 200 and resp.headers["X-Route-Model"] == "steady"
+            request_id = resp.headers["X-Request-Id"]
+        deadline = time.monotonic() + 2
+        while True:                                     # the trip is written to Redis in the background
+            async with session.get(two.url + "/dashboard/state") as resp:
+                state = await resp.json()
+            flaky = next(d for d in state["state"]["deployments"] if d["id"] == "flaky/sim-openai/0")
+            if flaky["breaker"] == "open" or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        async with session.get(one.url + "/dashboard/state") as resp:
+            served_here = (await resp.json())["decisions"]
+    assert state["state"]["mode"] == "shared"
+    assert flaky["breaker"] == "open" and 0 < flaky["probe_in_s"] <= 30
+    assert state["decisions"] == []                     # instance two served nothing
+    assert [(d["request_id"], d["instance"]) for d in served_here] == [(request_id, one.gateway.instance)]

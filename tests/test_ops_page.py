@@ -54,7 +54,7 @@ async def test_the_page_follows_traffic_breakers_and_finds_a_request(make_gatewa
             pass
         for _ in range(2):
             assert (await _chat(session, gw.url)).status == 200       # steady serves after flaky fails
-        assert gw.gateway.state.all_breakers()["flaky/sim-openai/0"].state == "open"
+        assert (await gw.gateway.state_view()).breakers["flaky/sim-openai/0"].state == "open"
         row = 'tr[data-deployment="flaky/sim-openai/0"]'
         await page.wait_for_selector(row + '[data-breaker="open"]', timeout=WITHIN_MS)
         first = await _text(page, row + " .probe")

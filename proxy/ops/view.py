@@ -29,7 +29,6 @@ class OpsSource:
     authorize: Callable[[str | None], object]      # the admin check on `Authorization`; raises 401/403
     in_flight: Callable[[], int]
     instance: str
-    shared_state: Callable[[], bool] = lambda: False     # breakers and buckets are cluster-wide
     clock: Callable[[], float] = time.time
     started: float = field(default_factory=time.time)
 
@@ -55,7 +54,6 @@ async def page_state(source: OpsSource) -> dict[str, Any]:
         "instance": source.instance,
         "uptime_s": round(now - source.started, 1),
         "in_flight": source.in_flight(),
-        "shared_state": source.shared_state(),
         "minute": live.minute(now),
         "series": live.series(now),
         "state": deployments,

@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import socket
+import time
 from typing import Any
 
 from aiohttp import web
@@ -66,9 +67,14 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
 
 def ops_source(gateway: Gateway) -> OpsSource:
     """What the operations page reads: handed over piece by piece, never the Gateway itself."""
+
+    async def deployments() -> dict[str, Any]:
+        view = await gateway.state_view()       # the same read-only view /metrics renders
+        return read_deployments(view, gateway.load, gateway.snapshot.config, time.time())
+
     return OpsSource(
         live=gateway.live,
-        deployments=lambda: read_deployments(gateway.state, gateway.snapshot.config, gateway.clock()),
+        deployments=deployments,
         authorize=lambda authorization: gateway.snapshot.authenticate_admin(authorization),   # as /metrics
         in_flight=lambda: len(gateway.in_flight),
         instance=gateway.instance,

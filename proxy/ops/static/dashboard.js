@@ -137,7 +137,9 @@
     chart("chart-cost", [["USD per minute", "#1a7f37", "usd"]],
       [s.t, rollingMinute(s.cost_usd)], { usd: [3, (v) => "$" + Number(v.toPrecision(2))] });
 
-    $("state-scope").textContent = state.shared_state ? "cluster-wide (shared state)" : "this instance";
+    const scope = { shared: "cluster-wide: breakers, holds and buckets of every instance (shared state)",
+      degraded: "this instance only: the shared state cannot be reached", local: "this instance" };
+    $("state-scope").textContent = scope[state.state.mode] || state.state.mode;
     probeDeadlines = [];
     const deployments = fill("deployment-table", state.state.deployments.map((d) => {
       const badge = el("span", d.breaker.replace("_", "-"), "badge " + d.breaker);
