@@ -1,13 +1,19 @@
 """`SharedState`: Redis while it answers, this process's local shares while it does not.
 
-Every Redis call is bounded (`timeout_ms`, 50 by default). The first one that fails or
-times out switches the instance to degraded mode: from then on admissions, settles and
-memos are served at once by a `MemoryState` that enforces this process's share of every
-limit (1 / (expected instances x workers)), so no request waits on or fails because of
-Redis. A background task pings Redis once a second; when it answers, the local buckets'
+Every Redis call is bounded (`timeout_ms`, 50 by default). A call that fails is served
+locally at once; a refused or broken connection, or the third call in a row past the
+bound (one slow answer, or an event loop that stalled for a moment, is not an outage),
+switches the instance to degraded mode: from then on admissions, settles and memos are
+served at once by a `MemoryState` that enforces this process's share of every limit
+(1 / (expected instances x workers)), so no request waits on or fails because of Redis.
+A background task pings Redis once a second; when it answers, the local buckets'
 spending not yet refilled is handed back to the shared buckets (so the return does not
 admit a second full minute's worth), and the instance is shared again. Each switch is
 logged, counted in metrics and shown in /readyz.
+
+The cost of an outage: each process's local buckets start full, so at its onset the
+cluster may admit up to one share's burst per process on top of what the shared buckets
+had left; the hand-back charges it to the shared buckets afterwards.
 
 What stays local even while shared: load statistics (in flight, latency), which steer
 only this instance's choices. Breakers learned locally during an outage are not merged
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Iterable, Mapping
 
@@ -29,6 +36,7 @@ from .store import Admission, Grant, Outcome, Refusal, StateView
 log = logging.getLogger("proxy.state")
 
 RECOVERY_INTERVAL_S = 1.0
+TIMEOUTS_TO_DEGRADE = 3         # calls in a row past the bound before the instance stops asking Redis
 
 
 class SharedState:
@@ -39,7 +47,7 @@ class SharedState:
         self.health = shared.health
         self.health.backend = "redis"
         self.recovery_interval_s = recovery_interval_s
-        shared.on_failure = self.degrade
+        shared.on_failure = self.failed
         self._recovery: asyncio.Task[None] | None = None
 
     @property
@@ -51,7 +59,7 @@ class SharedState:
         try:
             await self.shared.start()
         except StateUnavailable as exc:
-            self.degrade(str(exc))
+            self.failed(exc)
 
     async def close(self) -> None:
         if self._recovery is not None:
@@ -65,13 +73,19 @@ class SharedState:
 
     # ------------------------------------------------------------------ the switch
 
+    def failed(self, exc: StateUnavailable) -> None:
+        """A Redis call failed (its caller serves locally): degrade on a broken connection, or
+        once calls have timed out `TIMEOUTS_TO_DEGRADE` times in a row."""
+        if not exc.timed_out or self.shared.timeouts_in_a_row >= TIMEOUTS_TO_DEGRADE:
+            self.degrade(str(exc))
+
     def degrade(self, reason: str) -> None:
         """Serve from local shares from now on; a background task watches for Redis to return."""
         if self.degraded:
             return
         self._switch("degraded", reason)
         log.warning("shared state unreachable, enforcing this process's share of every limit",
-                    extra={"reason": reason, "share": round(self.local.share, 6)})
+                    extra={"reason": reason, "share": round(self.local.share, 6), "pid": os.getpid()})
         if self._recovery is None or self._recovery.done():
             self._recovery = asyncio.get_running_loop().create_task(self._recover())
 
@@ -85,6 +99,7 @@ class SharedState:
         while self.degraded:
             await asyncio.sleep(self.recovery_interval_s)
             try:
+                await self.shared.reconnect()
                 await self.shared.ping()
                 await self.shared.start()           # its scripts, in case Redis restarted empty
                 await self.shared.charge(self._local_spending())
@@ -93,7 +108,8 @@ class SharedState:
             self.local.buckets.clear()
             since = self.health.since
             self._switch("shared", None)
-            log.info("shared state reachable again", extra={"degraded_s": round(time.time() - since, 3)})
+            log.info("shared state reachable again",
+                     extra={"degraded_s": round(time.time() - since, 3), "pid": os.getpid()})
 
     def _local_spending(self) -> dict[str, tuple[int, float]]:
         """What each local bucket spent and has not refilled yet, at the full limit's scale."""
@@ -113,7 +129,7 @@ class SharedState:
             try:
                 answer = await self.shared.admit(admission)
             except StateUnavailable as exc:
-                self.degrade(str(exc))
+                self.failed(exc)
             else:
                 if isinstance(answer, Grant):
                     answer.owner = self.shared
@@ -136,7 +152,7 @@ class SharedState:
             try:
                 return await self.shared.view(breakers, buckets)
             except StateUnavailable as exc:
-                self.degrade(str(exc))
+                self.failed(exc)
         return await self.local.view(breakers, buckets)
 
     def remember(self, scope: str, key: str, value: bytes, ttl_s: float) -> asyncio.Future[bool]:
@@ -149,7 +165,7 @@ class SharedState:
             try:
                 value = await self.shared.recall(scope, key)
             except StateUnavailable as exc:
-                self.degrade(str(exc))
+                self.failed(exc)
             else:
                 if value is not None:
                     return value

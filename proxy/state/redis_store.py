@@ -49,7 +49,11 @@ MAX_CONNECTIONS = 64
 
 
 class StateUnavailable(Exception):
-    """Redis did not answer within the bound, or answered with an error."""
+    """Redis did not answer within the bound (`timed_out`), or the call failed."""
+
+    def __init__(self, reason: str, timed_out: bool) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
 
 
 def load_script(name: str) -> str:
@@ -79,7 +83,8 @@ class RedisState:
 
     def __init__(self, client: Redis, *, prefix: str = "llm-proxy", policy: BreakerPolicy | None = None,
                  timeout_s: float = 0.05, clock: Callable[[], float] | None = None,
-                 health: StateHealth | None = None, on_failure: Callable[[str], None] | None = None) -> None:
+                 health: StateHealth | None = None,
+                 on_failure: Callable[[StateUnavailable], None] | None = None) -> None:
         self.client = client
         self.prefix = prefix
         self.policy = policy or BreakerPolicy()
@@ -87,7 +92,8 @@ class RedisState:
         self.timeout_s = timeout_s
         self.clock = clock                  # None: the Redis server's clock (tests pin one)
         self.health = health or StateHealth("redis", "shared", time.time())
-        self.on_failure = on_failure or (lambda reason: None)
+        self.on_failure = on_failure or (lambda exc: None)
+        self.timeouts_in_a_row = 0          # reset by any call that answers in time
         self._sources = {name: load_script(name) for name in SCRIPTS}
         self._shas: dict[str, str] = {}
         self._outbox: list[_Queued] = []
@@ -130,8 +136,11 @@ class RedisState:
         except (TimeoutError, RedisError, OSError) as exc:
             health = self.health
             health.errors[operation] = health.errors.get(operation, 0) + 1
-            reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-            raise StateUnavailable(f"redis {operation}: {reason}") from None
+            timed_out = isinstance(exc, TimeoutError)
+            self.timeouts_in_a_row = self.timeouts_in_a_row + 1 if timed_out else 0
+            reason = "timed out" if timed_out else f"{type(exc).__name__}: {exc}"
+            raise StateUnavailable(f"redis {operation}: {reason}", timed_out) from None
+        self.timeouts_in_a_row = 0
         self.health.observe((time.perf_counter() - started) * 1000)
         return result
 
@@ -204,6 +213,11 @@ class RedisState:
     async def ping(self) -> None:
         await self._bounded("ping", self.client.ping())
 
+    async def reconnect(self) -> None:
+        """Drop every pooled connection: after an outage they may lead to a Redis that is gone,
+        and each would fail once more on its first use."""
+        await self.client.connection_pool.disconnect()
+
     # ------------------------------------------------------------------ view
 
     async def view(self, breakers: Iterable[str], buckets: Mapping[str, int]) -> StateView:
@@ -244,7 +258,7 @@ class RedisState:
         try:
             return bool(await self._bounded("forget", self.client.delete(self._key("memo", f"{scope}:{key}"))))
         except StateUnavailable as exc:
-            self.on_failure(str(exc))
+            self.on_failure(exc)
             return False
 
     # ------------------------------------------------------------------ the outbox
@@ -271,7 +285,7 @@ class RedisState:
                     results = await self._bounded("write", self._send(batch))
                 except StateUnavailable as exc:
                     results = [item.failed for item in batch]
-                    self.on_failure(str(exc))
+                    self.on_failure(exc)
                 for item, result in zip(batch, results):
                     if item.future is not None and not item.future.done():
                         item.future.set_result(result)
