@@ -3,10 +3,11 @@
 The provider key, the gateway key and an admin key are planted in the environment; the
 simulator's 401 quotes the key it was sent, as real providers do, and a hostile upstream
 (tests/hostile.py) quotes it late in a long message, where a cut before redaction would
-split it. A request whose Authorization line the HTTP parser rejects carries the gateway
-key. No key may appear in the decision log, the process's stdout or stderr, /metrics, or
-any response body or header. The same process proves SIGHUP log rotation and the drain
-on SIGTERM.
+split it, redirects to another host (which must receive nothing), sends a 50 MB line and
+spreads its events over several data: lines. A request whose Authorization line the HTTP
+parser rejects carries the gateway key. No key may appear in the decision log, the
+process's stdout or stderr, /metrics, or any response body or header. The same process
+proves SIGHUP log rotation and the drain on SIGTERM.
 """
 
 from __future__ import annotations
@@ -85,10 +86,14 @@ def _config(tmp_path: Path, fleet: Fleet, decision_log: str, hostile: Upstreams 
               "authfail-g": model_entry("authfail-401", provider="sim-gemini"),
               "cut": model_entry("cut-cut2"), "down": model_entry("down-500")}
     chains = {"main": ["good"], "bad-auth": ["authfail", "authfail-a", "authfail-g"]}
-    if hostile is not None:     # upstreams that quote the key late in a long message
-        models.update({f"echo-{api}": model_entry("m-echolong", f"hostile-{api}")
-                       for api in ("openai", "anthropic", "gemini")})
+    if hostile is not None:     # upstreams that quote the key late in a long message, redirect, or flood
+        for api, redirect in (("openai", 302), ("anthropic", 307), ("gemini", 307)):
+            models[f"echo-{api}"] = model_entry("m-echolong", f"hostile-{api}")
+            models[f"redirect-{api}"] = model_entry(f"m-redirect{redirect}", f"hostile-{api}")
+        models["huge"] = model_entry("m-hugeafter", "hostile-anthropic")
+        models["multiline"] = model_entry("m-multiline", "hostile-gemini")
         chains["echo"] = ["echo-openai", "echo-anthropic", "echo-gemini"]
+        chains["redirects"] = ["redirect-openai", "redirect-anthropic", "redirect-gemini"]
     routes = {"chains": chains, "default": "main",
               "keys": [{"name": "app", "key_env": "TEST_GATEWAY_SECRET", "tier": "standard"},
                        {"name": "ops", "key_env": "TEST_ADMIN_SECRET", "tier": "free", "allow": [], "admin": True}],
@@ -123,6 +128,10 @@ async def _no_key_leaks(fleet: Fleet, tmp_path: Path, hostile: Upstreams) -> Non
          {"Authorization": f"Basic {GATEWAY_SECRET}"}, 401),
         ({"model": "good", "messages": "not a list"}, auth, 400),
         ({"model": "echo", "messages": [{"role": "user", "content": "hi"}]}, auth, 502),   # the key quoted late
+        ({"model": "redirects", "messages": [{"role": "user", "content": "hi"}]}, auth, 502),
+        ({"model": "redirects", "stream": True, "messages": [{"role": "user", "content": "hi"}]}, auth, 502),
+        ({"model": "huge", "stream": True, "messages": [{"role": "user", "content": "hi"}]}, auth, 200),
+        ({"model": "multiline", "stream": True, "messages": [{"role": "user", "content": "hi"}]}, auth, 200),
     ]
 
     async def keep(response: aiohttp.ClientResponse) -> bytes:
@@ -175,6 +184,7 @@ async def _no_key_leaks(fleet: Fleet, tmp_path: Path, hostile: Upstreams) -> Non
     for provider in ("sim-openai", "sim-anthropic", "sim-gemini"):    # each 502 lists its attempts, scrubbed
         quoted = f"via {provider}: auth 401 (Incorrect API key provided: [redacted])".encode()
         assert any(quoted in body for body in seen), provider
+    assert hostile.bystander.received == [], "no redirect was followed"
     late = [a["message"] for d in decisions if d["requested_model"] == "echo" for a in d["attempts"]]
     assert len(late) == 3 and all(m.index("[redacted]") > 400 for m in late), late
     assert any("malformed HTTP request" in line for line in err.splitlines()), "the malformed request was logged"
