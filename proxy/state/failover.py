@@ -1,11 +1,12 @@
 """`SharedState`: Redis while it answers, this process's local shares while it does not.
 
 Every Redis call is bounded (`timeout_ms`, 50 by default). A call that fails is served
-locally at once; a refused or broken connection, or the third call in a row past the
-bound (one slow answer, or an event loop that stalled for a moment, is not an outage),
-switches the instance to degraded mode: from then on admissions, settles and memos are
-served at once by a `MemoryState` that enforces this process's share of every limit
-(1 / (expected instances x workers)), so no request waits on or fails because of Redis.
+locally at once. A refused or broken connection switches the instance to degraded mode at
+once; timeouts do when they go on for longer than one bound with no call answered in
+between (a stalled event loop times out every call in flight at the same moment, and is
+not an outage). In degraded mode admissions, settles and memos are served at once by a
+`MemoryState` that enforces this process's share of every limit (1 / (expected instances
+x workers)), so no request waits on or fails because of Redis.
 A background task pings Redis once a second; when it answers, the local buckets'
 spending not yet refilled is handed back to the shared buckets (so the return does not
 admit a second full minute's worth), and the instance is shared again. Each switch is
@@ -36,7 +37,6 @@ from .store import Admission, Grant, Outcome, Refusal, StateView
 log = logging.getLogger("proxy.state")
 
 RECOVERY_INTERVAL_S = 1.0
-TIMEOUTS_TO_DEGRADE = 3         # calls in a row past the bound before the instance stops asking Redis
 
 
 class SharedState:
@@ -75,8 +75,9 @@ class SharedState:
 
     def failed(self, exc: StateUnavailable) -> None:
         """A Redis call failed (its caller serves locally): degrade on a broken connection, or
-        once calls have timed out `TIMEOUTS_TO_DEGRADE` times in a row."""
-        if not exc.timed_out or self.shared.timeouts_in_a_row >= TIMEOUTS_TO_DEGRADE:
+        once calls have kept timing out for a whole bound with none answering."""
+        since = self.shared.failing_since
+        if not exc.timed_out or (since is not None and time.monotonic() - since >= self.shared.timeout_s):
             self.degrade(str(exc))
 
     def degrade(self, reason: str) -> None:

@@ -93,7 +93,7 @@ class RedisState:
         self.clock = clock                  # None: the Redis server's clock (tests pin one)
         self.health = health or StateHealth("redis", "shared", time.time())
         self.on_failure = on_failure or (lambda exc: None)
-        self.timeouts_in_a_row = 0          # reset by any call that answers in time
+        self.failing_since: float | None = None     # monotonic: the first timeout since a call answered
         self._sources = {name: load_script(name) for name in SCRIPTS}
         self._shas: dict[str, str] = {}
         self._outbox: list[_Queued] = []
@@ -137,10 +137,11 @@ class RedisState:
             health = self.health
             health.errors[operation] = health.errors.get(operation, 0) + 1
             timed_out = isinstance(exc, TimeoutError)
-            self.timeouts_in_a_row = self.timeouts_in_a_row + 1 if timed_out else 0
+            if timed_out and self.failing_since is None:
+                self.failing_since = time.monotonic()
             reason = "timed out" if timed_out else f"{type(exc).__name__}: {exc}"
             raise StateUnavailable(f"redis {operation}: {reason}", timed_out) from None
-        self.timeouts_in_a_row = 0
+        self.failing_since = None
         self.health.observe((time.perf_counter() - started) * 1000)
         return result
 
