@@ -59,6 +59,13 @@ async def chat(session: aiohttp.ClientSession, url: str, model: str, headers: di
         return Result(r.status, time.monotonic() - started, started, body, r.headers.get("X-Route-Model", ""))
 
 
+async def all_listening(gw: GatewayProcess, workers: int = 2) -> None:
+    """`spawn_gateway` waits for one worker to answer; a test of shares needs every worker up."""
+    async with asyncio.timeout(15):
+        while sum(line["msg"] == "listening" for line in gw.logs()) < workers:
+            await asyncio.sleep(0.05)
+
+
 async def drive(rate: float, duration_s: float, send: Any) -> list[Result]:
     """An open loop: `send(i)` at `rate` a second for `duration_s`, whatever the answers take."""
     loop = asyncio.get_running_loop()
@@ -77,7 +84,7 @@ async def test_workers_without_redis_each_enforce_their_share(fleet: Fleet, tmp_
                                                      "limits": {"rpm": 60}}])
     p, r = write_config(tmp_path, fleet, {"lim": limited})
     gw = await spawn_gateway(p, r, "--workers", "2")
-    assert len(child_pids(gw.proc.pid)) == 2
+    await all_listening(gw)
     started = time.monotonic()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=50)) as s:
         results = await asyncio.gather(*(chat(s, gw.url, "lim") for _ in range(200)))
@@ -111,6 +118,8 @@ async def test_two_instances_of_two_workers_share_exact_limits(
               "server": {"state": {"url": own_redis.url, "instances": 2, "timeout_ms": 250}}}
     p, r = write_config(tmp_path, fleet, models, routes)
     instances = [await spawn_gateway(p, r, "--workers", "2", env=env) for _ in range(2)]
+    for gw in instances:
+        await all_listening(gw)
     plain = {"Authorization": "Bearer gw-plain-0001"}
     metered = {"Authorization": "Bearer gw-metered-0001"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as s:
@@ -235,6 +244,7 @@ async def test_redis_stopped_mid_load_then_back(fleet: Fleet, tmp_path: Path, sp
               "server": {"state": {"url": own_redis.url, "instances": 2}}}
     p, r = write_config(tmp_path, fleet, models, routes)
     gw = await spawn_gateway(p, r, "--workers", "2")
+    await all_listening(gw)
     workers = set(child_pids(gw.proc.pid))
     assert len(workers) == 2
     marks: dict[str, float] = {}
