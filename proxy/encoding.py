@@ -22,6 +22,9 @@ The calls, in order, for one streamed request:
                         at most once, instead of `end`, when the stream broke after the
                         commit (or the gateway failed, or is shutting down): the surface's
                         own error event, never a silent close.
+Before any of them, once routing has read the request: `expect_input_tokens(tokens)`, the
+gateway's estimate of the request's input tokens, for a surface whose wire format needs a
+usage figure before (or without) the upstream's own count.
 A plain request gets one call, `answer(body, native)`: the upstream's answer as a
 `chat.completion` body -> the surface's body (async for the same reason as `end`).
 
@@ -55,6 +58,8 @@ class Encoder(Protocol):
 
     native: str | None          # the upstream protocol whose own answers this client takes as they are
 
+    def expect_input_tokens(self, tokens: int) -> None: ...
+
     def chunk(self, payload: bytes) -> bytes: ...
 
     async def end(self, payloads: Sequence[bytes], native: bool) -> bytes: ...
@@ -72,6 +77,9 @@ class ChatEncoder:
     __slots__ = ()
     native: str | None = None
     chunk = staticmethod(frame)
+
+    def expect_input_tokens(self, tokens: int) -> None:
+        """Chat passes usage on as the upstream reports it."""
 
     async def end(self, payloads: Sequence[bytes], native: bool) -> bytes:
         if not payloads:

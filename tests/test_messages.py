@@ -77,6 +77,17 @@ async def test_text_create_and_stream_agree(client: Client, make_gateway: MakeGa
     assert final.model_dump(exclude={"id"}) == plain.model_dump(exclude={"id"})
 
 
+async def test_message_start_carries_an_input_count_on_every_protocol(client: Client, make_gateway: MakeGateway,
+                                                                      protocol: str) -> None:
+    """A context-size display reads `message_start`: a translated stream, whose upstream counts
+    only at the end, gives the router's estimate there rather than 0."""
+    gw = await gateway(make_gateway, protocol, "chat-n3")
+    async with client(gw).messages.stream(model="m0", max_tokens=64, messages=ASK) as stream:
+        events = [event async for event in stream]
+    [start] = [e for e in events if e.type == "message_start"]
+    assert start.message.usage.input_tokens > 0
+
+
 async def test_a_tool_turn_streams_input_json_and_the_result_gets_text(client: Client, make_gateway: MakeGateway,
                                                                        protocol: str) -> None:
     gw = await gateway(make_gateway, protocol, "tools")

@@ -176,3 +176,22 @@ async def test_previous_response_id_carries_the_conversation(clients: Clients, m
     assert third.previous_response_id == second.id
     stored = await async_client.responses.retrieve(second.id)
     assert comparable(stored) == comparable(second)
+
+
+async def test_an_upstream_without_usage_still_gives_a_finished_response_usage(
+        clients: Clients, make_gateway: MakeGateway) -> None:
+    """An OpenAI-compatible vendor that ignores stream_options reports no usage; a finished
+    response must still carry it (the Vercel AI SDK rejects a response.completed without):
+    the router's input estimate and 4 characters a token of output, streamed or not."""
+    gw = await gateway(make_gateway, "openai", "mute-n6-nousage")
+    async_client, _ = clients(gw)
+    ask = {"model": "m0", "input": "Tell me a story about a fox, please."}
+    plain = await async_client.responses.create(**ask)
+    events, final = await stream_async(async_client, **ask)
+    assert_lifecycle(events)
+    for response in (plain, final):
+        usage = response.usage
+        assert usage is not None and usage.input_tokens > 0
+        assert usage.output_tokens == (len(response.output_text) + 3) // 4 > 0
+        assert usage.total_tokens == usage.input_tokens + usage.output_tokens
+    assert final.usage == plain.usage

@@ -86,6 +86,7 @@ async def test_text_and_two_tool_calls_in_order() -> None:
 
 async def test_refusal_and_the_token_limit() -> None:
     enc = encoder()
+    enc.expect_input_tokens(7)
     raw = enc.chunk(chunk({"refusal": "I can't "})) + enc.chunk(chunk({"refusal": "help."}, "length"))
     events = decoded(raw + await enc.end([], False))
     kinds = [e["type"] for e in events]
@@ -95,7 +96,10 @@ async def test_refusal_and_the_token_limit() -> None:
     assert final["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert final["response"]["output"][0]["status"] == "incomplete"
     assert final["response"]["output"][0]["content"] == [{"type": "refusal", "refusal": "I can't help."}]
-    assert "usage" not in final["response"]             # the upstream reported none
+    # The upstream reported no usage: the router's input estimate, 4 characters a token of output.
+    assert final["response"]["usage"] == {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 0},
+                                          "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 0},
+                                          "total_tokens": 11}
 
 
 async def test_a_failure_after_the_commit_keeps_the_output_so_far() -> None:

@@ -53,6 +53,9 @@ class MessagesLike:
 class Encoder:
     native = "anthropic"
 
+    def expect_input_tokens(self, tokens: int) -> None:
+        pass
+
     def chunk(self, payload: bytes) -> bytes:
         return b"event: translated\ndata: " + payload + b"\n\n"
 

@@ -95,6 +95,7 @@ async def serve(request: web.Request, surface: Surface) -> web.StreamResponse:
         call = await surface.decode(decode_json(raw), raw, key, gateway)
         encoder = call.encoder
         signals, plan = decide(snapshot, key, request.headers, call.body, decision)
+        encoder.expect_input_tokens(signals.input_tokens)
         deadline = decision.started + snapshot.config.server.request_timeout_s
         exchange = Exchange(decision.request_id, call.body, signals, plan, decision, deadline, encoder,
                             call.native_body, call.native_headers, call.dropped, call.untranslatable)

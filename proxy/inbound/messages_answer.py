@@ -96,7 +96,8 @@ class MessagesEncoder:
     tool call) closes it and opens the next, indexed from 0.
     """
 
-    __slots__ = ("_id", "_started", "_block", "_open", "_tool_index", "_tool_args", "_stop", "_usage", "_chars")
+    __slots__ = ("_id", "_started", "_block", "_open", "_tool_index", "_tool_args", "_stop", "_usage", "_chars",
+                 "_input_estimate")
     native: str | None = "anthropic"
 
     def __init__(self) -> None:
@@ -109,17 +110,22 @@ class MessagesEncoder:
         self._stop: str | None = None
         self._usage: Usage | None = None
         self._chars = 0                     # output characters, for an estimate when usage never comes
+        self._input_estimate = 0            # the router's estimate, until the upstream's count arrives
+
+    def expect_input_tokens(self, tokens: int) -> None:
+        self._input_estimate = tokens
 
     def chunk(self, payload: bytes) -> bytes:
         chunk = orjson.loads(payload)
         out: list[bytes] = []
         if not self._started:
             self._started = True
-            # Chat protocols report usage after the finish: message_delta carries it.
+            # Chat protocols report usage after the finish: message_start carries the router's
+            # estimate of the input (as a context-size display reads it), message_delta the counts.
             out.append(self._event("message_start", {"message": {
                 "id": self._id, "type": "message", "role": "assistant", "model": str(chunk.get("model") or ""),
                 "content": [], "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": 0, "output_tokens": 0}}}))
+                "usage": {"input_tokens": self._input_estimate, "output_tokens": 0}}}))
         if chunk.get("usage"):
             self._usage = parse_usage(chunk["usage"])
         for choice in chunk.get("choices") or ():
@@ -141,7 +147,7 @@ class MessagesEncoder:
         out = [self.chunk(p) for p in payloads]
         out += self._close_block()
         usage: dict[str, int] = usage_json(self._usage) if self._usage is not None \
-            else {"output_tokens": (self._chars + 3) >> 2}          # no usage came: an estimate of the output
+            else {"input_tokens": self._input_estimate, "output_tokens": (self._chars + 3) >> 2}  # no usage came
         out.append(self._event("message_delta", {"delta": {"stop_reason": self._stop or "end_turn",
                                                            "stop_sequence": None}, "usage": usage}))
         out.append(self._event("message_stop", {}))

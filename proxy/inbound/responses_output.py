@@ -77,8 +77,6 @@ class ResponseShape:
             **_DEFAULTS, **self.echo,
             "model": model or self.requested_model, "output": output, "store": self.store, "usage": usage,
         }
-        if usage is None and status in ("completed", "incomplete"):
-            del response["usage"]       # an upstream that reported none: absent, as clients that read it expect
         return response
 
 
@@ -96,6 +94,23 @@ def response_usage(usage: Any) -> dict[str, Any] | None:
         "output_tokens_details": {"reasoning_tokens": int(out_details.get("reasoning_tokens") or 0)},
         "total_tokens": int(usage.get("total_tokens") or prompt + completion),
     }
+
+
+def estimated_usage(input_tokens: int, output: list[dict[str, Any]]) -> dict[str, Any]:
+    """Usage for an answer whose upstream reported none (OpenAI-compatible vendors that ignore
+    `stream_options`): the router's input estimate and 4 characters a token of the output, the
+    same estimate the decision record bills (and marks `cost_estimated`). A finished response
+    always carries usage: clients such as the Vercel AI SDK reject a `response.completed`
+    without it."""
+    chars = 0
+    for item in output:
+        chars += len(item.get("arguments") or "")
+        for part in item.get("content") or ():
+            chars += len(part.get("text") or part.get("refusal") or "")
+    output_tokens = (chars + 3) >> 2
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}
 
 
 def message_item(item_id: str, parts: list[dict[str, Any]], status: str) -> dict[str, Any]:
@@ -151,7 +166,11 @@ class ResponsesEncoder:
         self.calls: dict[int, dict[str, Any]] = {}  # the chat tool-call index -> its item
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        self.input_estimate = 0                     # the router's, for an upstream that reports no usage
         self.started = False
+
+    def expect_input_tokens(self, tokens: int) -> None:
+        self.input_estimate = tokens
 
     # ------------------------------------------------------------------ plain
 
@@ -172,8 +191,8 @@ class ResponsesEncoder:
             function = call.get("function") or {}
             output.append(call_item(new_id("fc_"), call.get("id") or new_id("call_"), function.get("name") or "",
                                     function.get("arguments") or "", "completed"))
-        response = self.shape.render(completion.get("model"), status, output, response_usage(completion.get("usage")),
-                                     incomplete)
+        usage = response_usage(completion.get("usage")) or estimated_usage(self.input_estimate, output)
+        response = self.shape.render(completion.get("model"), status, output, usage, incomplete)
         if self.remember is not None:
             await self.remember(response, assistant_message(output))
         return orjson.dumps(response)
@@ -309,7 +328,8 @@ class ResponsesEncoder:
         status, incomplete = status_of(self.finish_reason)
         self._close(events, "incomplete" if incomplete and self.open is not None
                     and self.open["type"] == "message" else "completed")
-        response = self.shape.render(self.model, status, self.output, self.usage, incomplete)
+        usage = self.usage or estimated_usage(self.input_estimate, self.output)
+        response = self.shape.render(self.model, status, self.output, usage, incomplete)
         if self.remember is not None:
             await self.remember(response, assistant_message(self.output))
         events.append(self._event(f"response.{status}", {"response": response}))
