@@ -113,6 +113,7 @@ class Gateway:
         self.draining = False           # SIGTERM seen: /readyz answers 503
         self.cut_off = False            # the drain deadline passed: requests still running are ended
         self.keys_required = False      # serving beyond loopback with keys: a reload may not drop them
+        self.loopback_only = True       # listening on loopback: without keys, Host must name it too
         self.in_flight: set[asyncio.Task[object]] = set()    # routed requests of every API, for the drain
 
     def _build(self, config: Config) -> Snapshot:

@@ -65,7 +65,8 @@ async def trickle(writer: asyncio.StreamWriter, data: bytes, every_s: float) -> 
         pass
 
 
-HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 9\r\n\r\n"
+HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 9\r\n\r\n")
 
 
 @pytest.mark.parametrize("kind", ("silent", "half-sent", "trickling"))
@@ -90,7 +91,7 @@ async def test_keep_alive_idleness_has_its_own_bound_and_a_busy_request_is_never
     gw = await gateway_with(make_gateway, header_timeout_s=0.5, keepalive_timeout_s=1.5)
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
     body = orjson.dumps({"model": "slow", "messages": [USER]})
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
     async with asyncio.timeout(10):         # 1.5 s to the first token: three header timeouts, never cut
         head = await reader.readuntil(b"\r\n\r\n")
@@ -99,7 +100,7 @@ async def test_keep_alive_idleness_has_its_own_bound_and_a_busy_request_is_never
         await reader.readexactly(length)
     assert head.startswith(b"HTTP/1.1 200")
     await asyncio.sleep(1.0)                # idle between requests: past the head bound, within keep-alive
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     async with asyncio.timeout(5):
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
         await reader.readuntil(b'{"status":"ok"}')
@@ -139,7 +140,7 @@ async def test_beyond_the_limit_with_every_connection_busy_a_newcomer_gets_503(m
             break
         await asyncio.sleep(0.02)
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
-    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     async with asyncio.timeout(5):
         answer = await reader.read()
     writer.close()
@@ -154,7 +155,7 @@ async def test_beyond_the_limit_with_every_connection_busy_a_newcomer_gets_503(m
 async def test_malformed_http_gets_json_and_one_safe_log_line(make_gateway: MakeGateway,
                                                               caplog: pytest.LogCaptureFixture) -> None:
     gw = await gateway_with(make_gateway)
-    bad = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + SECRET.encode() + b"\x01\r\n\r\n")
+    bad = (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + SECRET.encode() + b"\x01\r\n\r\n")
 
     async def send(raw: bytes) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import aiohttp
+import orjson
 import pytest
 
-from .conftest import MakeGateway, RunningGateway, model_entry
+from .conftest import Fleet, MakeGateway, RunningGateway, model_entry
 
 APP = "https://chat.example.com"
 BODY = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hello"}]}
@@ -54,18 +55,51 @@ async def test_errors_are_readable_by_the_browser_too(browser_gateway: RunningGa
         assert resp.headers["Access-Control-Allow-Origin"] == APP
 
 
-async def test_disallowed_origin_gets_no_cors_headers(browser_gateway: RunningGateway) -> None:
+async def test_disallowed_origin_gets_no_cors_headers(browser_gateway: RunningGateway, fleet: Fleet) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.options(browser_gateway.base + "/chat/completions",
                                    headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
                                    ) as resp:
             assert resp.status == 403
             assert not any(h.startswith("Access-Control-") for h in resp.headers)
-        async with session.post(browser_gateway.base + "/chat/completions", json=BODY,
-                                headers={"Origin": "https://evil.example"}) as resp:
-            assert resp.status == 200           # not a browser matter: curl works, the browser refuses
+        # A page may still send a simple POST (text/plain needs no preflight); on a gateway without
+        # keys the browser is the only guard, so the request is refused, never served and billed.
+        async with session.post(browser_gateway.base + "/chat/completions", data=orjson.dumps(BODY),
+                                headers={"Origin": "https://evil.example", "Content-Type": "text/plain"}) as resp:
+            assert resp.status == 403
+            assert (await resp.json())["error"]["code"] == "cors_origin_not_allowed"
             assert "Access-Control-Allow-Origin" not in resp.headers
-            await resp.read()
+    assert fleet.sim.requests_for("fast-n4-gap20") == []
+
+
+async def test_a_rebinding_domain_cannot_reach_a_gateway_without_keys(browser_gateway: RunningGateway,
+                                                                      fleet: Fleet) -> None:
+    """evil.example resolving to 127.0.0.1 makes its page same-origin with the gateway for the
+    browser: the Host header is the tell."""
+    async with aiohttp.ClientSession() as session:
+        for path, method in (("/chat/completions", "POST"), ("/models", "GET")):
+            async with session.request(method, browser_gateway.base + path, json=BODY,
+                                       headers={"Host": "evil.example:8080"}) as resp:
+                assert resp.status == 403
+                assert (await resp.json())["error"]["code"] == "host_not_allowed"
+        for host in ("localhost:8080", "127.0.0.1", "[::1]:8080", "app.localhost"):
+            async with session.get(browser_gateway.base + "/models", headers={"Host": host}) as resp:
+                assert resp.status == 200, host
+    assert fleet.sim.requests_for("fast-n4-gap20") == []
+
+
+async def test_with_keys_the_key_is_the_guard(make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CORS_TEST_KEY", "gw-cors-test-key-1")
+    routes = {"chains": {"main": ["fast"]}, "default": "main", "server": {"cors_origins": [APP]},
+              "keys": [{"name": "app", "key_env": "CORS_TEST_KEY", "tier": "standard"}]}
+    gw = await make_gateway({"fast": model_entry("fast-n2")}, routes)
+    async with aiohttp.ClientSession() as session, session.post(
+            gw.base + "/chat/completions", json=BODY,
+            headers={"Origin": "https://evil.example", "Host": "gateway.internal",
+                     "Authorization": "Bearer gw-cors-test-key-1"}) as resp:
+        assert resp.status == 200           # a server-side caller with the key: no browser matter
+        assert "Access-Control-Allow-Origin" not in resp.headers
+        await resp.read()
 
 
 async def test_no_origins_configured_means_no_cors(make_gateway: MakeGateway) -> None:

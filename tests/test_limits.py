@@ -37,7 +37,7 @@ async def test_a_body_that_trickles_in_gets_408(make_gateway: MakeGateway) -> No
     body = orjson.dumps({"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
         await writer.drain()
         async with asyncio.timeout(5):
@@ -78,7 +78,7 @@ async def test_a_slow_reader_holds_back_the_stream_instead_of_buffering_it(
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
         reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
         body = orjson.dumps({"model": "big", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body)
         async with asyncio.timeout(5):
             assert b" 200 " in await reader.readline()

@@ -36,7 +36,8 @@ log = logging.getLogger("proxy.app")
 
 
 def create_app(config: Config, gateway: Gateway | None = None) -> web.Application:
-    app = web.Application(middlewares=[connections.track_requests, edge.openai_errors], client_max_size=1 << 40)
+    app = web.Application(middlewares=[connections.track_requests, edge.openai_errors, cors.keyless_guard],
+                          client_max_size=1 << 40)
     app[GATEWAY] = gateway or Gateway(config)
     # Paths whose unknown routes and wrong methods answer in another API's error shape.
     app[edge.ERROR_SHAPES] = (("/v1/messages", messages.error_body), ("/messages", messages.error_body))
@@ -196,6 +197,7 @@ async def run_server(config: Config, host: str, port: int, reuse_port: bool = Fa
     processes share the port: without Redis each enforces 1/workers of every limit."""
     gateway = Gateway(config, workers=workers)
     gateway.keys_required = config.auth_required and not is_loopback(host)
+    gateway.loopback_only = is_loopback(host)
     app = create_app(config, gateway)
     runner = make_runner(app)
     await runner.setup()

@@ -4,10 +4,25 @@ Origins come from `server.cors_origins` of the config snapshot current when the 
 arrives, so a reload changes them. An origin not in the list gets no CORS header at all
 (the browser then refuses the answer); `"*"` in the list admits any origin. Headers are
 added in `on_response_prepare`, which also runs for streamed answers, before their first
-byte. Imports only the app key from the edge.
+byte.
+
+A gateway without keys serves loopback only, and its only guard against a web page in the
+user's own browser is the browser itself. `keyless_guard` closes the two holes that
+remain: a cross-site page may still *send* a simple POST (`Content-Type: text/plain`, no
+preflight) that the gateway would serve and bill although the page cannot read the answer,
+and a page on a rebinding domain (evil.example resolving to 127.0.0.1) is same-origin with
+the gateway in the browser's eyes. So, without keys, a request whose `Origin` is neither the
+gateway's own nor in `cors_origins` gets 403, and, when the gateway listens on loopback, a
+request whose `Host` is not a loopback name or address gets 403. Clients that are not
+browsers (SDKs, curl) send no `Origin` and a loopback `Host`, and are unaffected; neither are
+/healthz and /readyz, whose probes may name a service in `Host`. With keys
+the key is the guard and nothing is checked here. Imports only the app key from the edge.
 """
 
 from __future__ import annotations
+
+import ipaddress
+from typing import Any
 
 from aiohttp import web
 
@@ -21,6 +36,7 @@ ALLOW_HEADERS = ("Authorization", "Content-Type", "X-Task-Type", "X-User-Tier", 
                  "X-Latency-Class", "X-Region", "X-Request-Id")
 EXPOSE_HEADERS = "X-Request-Id, X-Route-Rule, X-Route-Model, X-Route-Provider, X-Route-Attempts, Retry-After"
 MAX_AGE_S = "600"
+HEALTH_PATHS = frozenset(("/healthz", "/readyz"))   # probes may name the service in Host; nothing to steal
 
 
 def allowed_origin(request: web.Request) -> str | None:
@@ -61,6 +77,43 @@ async def mark_response(request: web.Request, response: web.StreamResponse) -> N
         return
     response.headers["Access-Control-Allow-Origin"] = origin
     response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+
+
+def _loopback_host(host: str) -> bool:
+    """`Host` names a loopback address: localhost (RFC 6761), 127.0.0.0/8 or [::1], any port."""
+    if host.startswith("["):
+        name = host[1:host.find("]")] if "]" in host else host
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    name = name.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse(message: str, code: str) -> web.Response:
+    return web.Response(status=403, body=error_body(message, "invalid_request_error", code),
+                        content_type="application/json")
+
+
+@web.middleware
+async def keyless_guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Without keys: no cross-site browser request and no rebinding domain (module docstring)."""
+    gateway = request.app[GATEWAY]
+    if gateway.snapshot.config.auth_required or request.path in HEALTH_PATHS:
+        return await handler(request)
+    host = request.headers.get("Host", "")         # a browser always sends one; a bare HTTP/1.0 client may not
+    if host and gateway.loopback_only and not _loopback_host(host):
+        return _refuse("this gateway has no keys and serves loopback clients only; the Host header must name "
+                       "localhost or a loopback address", "host_not_allowed")
+    origin = request.headers.get("Origin")
+    if origin is not None and request.method != "OPTIONS" and origin != f"{request.scheme}://{host}" \
+            and allowed_origin(request) is None:
+        return _refuse(f"origin {origin[:100]!r} is not in server.cors_origins", "cors_origin_not_allowed")
+    return await handler(request)
 
 
 def install(app: web.Application) -> None:
