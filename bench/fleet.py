@@ -101,7 +101,8 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def write_config(directory: Path, sim_port: int, s: Settings) -> tuple[Path, Path]:
+def write_config(directory: Path, sim_port: int, s: Settings, state_url: str | None = None) -> tuple[Path, Path]:
+    """The bench's config; with `state_url` the same one on Redis (its files get a `redis-` prefix)."""
     base = f"http://127.0.0.1:{sim_port}"
     timeouts = {"connect_s": 5, "first_token_s": 30, "idle_s": 30, "total_s": 120}
     providers = {
@@ -117,6 +118,10 @@ def write_config(directory: Path, sim_port: int, s: Settings) -> tuple[Path, Pat
 
     models = {"instant": model("sim", INSTANT), "paced": model("stamped", paced_model(s)),
               "slow": model("sim", slow_model(s))}
+    # Limits far above any rate here, so that every admission reserves buckets as in production
+    # (an rpm and a tpm on the deployment and on its account) without ever refusing.
+    models["instant"]["deployments"][0]["limits"] = {"rpm": 100_000_000, "tpm": 10_000_000_000}
+    providers["sim"]["limits"] = {"rpm": 100_000_000, "tpm": 10_000_000_000}
     routes = {
         "chains": {"to-instant": ["instant"], "to-paced": ["paced"], "to-slow": ["slow"]},
         "rules": [      # the shipped routing guide's shape, with the bench's chains
@@ -131,7 +136,13 @@ def write_config(directory: Path, sim_port: int, s: Settings) -> tuple[Path, Pat
         "server": {"decision_log": str(directory / "decisions.jsonl") if s.decision_log == "file" else "off",
                    "drain_timeout_s": 2},
     }
-    p, r = directory / "providers.yaml", directory / "routes.yaml"
+    prefix = ""
+    if state_url is not None:
+        prefix = "redis-"
+        routes["server"]["state"] = {"url": state_url, "timeout_ms": 50}
+        if s.decision_log == "file":
+            routes["server"]["decision_log"] = str(directory / "redis-decisions.jsonl")
+    p, r = directory / f"{prefix}providers.yaml", directory / f"{prefix}routes.yaml"
     p.write_text(yaml.safe_dump({"providers": providers, "models": models}, sort_keys=False))
     r.write_text(yaml.safe_dump(routes, sort_keys=False))
     return p, r
@@ -164,7 +175,8 @@ class Fleet:
         self.simulator: subprocess.Popen[bytes] | None = None
         self.bare: subprocess.Popen[bytes] | None = None
         self.bare_port = 0
-
+        self.redis_gateway: subprocess.Popen[bytes] | None = None     # the same gateway on Redis state
+        self.redis_gateway_port = 0
     def start(self) -> None:
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, SIM_KEY_ENV: "sk-bench-not-a-secret", "PYTHONPATH": str(root)}
@@ -172,15 +184,29 @@ class Fleet:
         self.bare, self.bare_port = self._spawn_ready("bareproxy", [
             "bench.bareproxy", "--upstream", f"http://127.0.0.1:{self.sim_port}/openai/v1/chat/completions"],
             env, root, self.cores["gateway"])
-        providers, routes = write_config(self.dir, self.sim_port, self.settings)
-        self.gateway_port = free_port()
-        gw_log = open(self.dir / "gateway.log", "wb")
-        command = [sys.executable, "-m", "proxy", "serve", "--providers", str(providers), "--routes", str(routes),
-                   "--host", "127.0.0.1", "--port", str(self.gateway_port), "--workers",
+        self.gateway, self.gateway_port = self._gateway("gateway", write_config(self.dir, self.sim_port,
+                                                                                self.settings), env)
+        redis = shutil.which("redis-server")
+        if redis is not None:           # Redis beside the simulator; the second gateway on the gateway's core
+            port = free_port()
+            self.procs.append(subprocess.Popen(pinned(
+                [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")], self.cores["simulator"]),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            config = write_config(self.dir, self.sim_port, self.settings, f"redis://127.0.0.1:{port}/0")
+            self.redis_gateway, self.redis_gateway_port = self._gateway("redis-gateway", config, env)
+
+    def _gateway(self, name: str, config: tuple[Path, Path], env: dict[str, str]
+                 ) -> tuple[subprocess.Popen[bytes], int]:
+        port = free_port()
+        log = open(self.dir / f"{name}.log", "wb")
+        command = [sys.executable, "-m", "proxy", "serve", "--providers", str(config[0]), "--routes",
+                   str(config[1]), "--host", "127.0.0.1", "--port", str(port), "--workers",
                    str(self.settings.workers), "--log-level", "warning"]
-        self.gateway = subprocess.Popen(pinned(command, self.cores["gateway"]), stdout=subprocess.DEVNULL,
-                                        stderr=gw_log, env=env, cwd=self.dir)
-        self.procs.append(self.gateway)
+        proc = subprocess.Popen(pinned(command, self.cores["gateway"]), stdout=subprocess.DEVNULL, stderr=log,
+                                env=env, cwd=self.dir)
+        self.procs.append(proc)
+        return proc, port
 
     def _spawn_ready(self, name: str, module: list[str], env: dict[str, str], root: Path,
                      cores: list[int] | None = None) -> tuple[subprocess.Popen[bytes], int]:
@@ -197,22 +223,29 @@ class Fleet:
         return proc, int(line.split()[1])
 
     async def wait_ready(self, limit_s: float = 20.0) -> None:
-        url = f"http://127.0.0.1:{self.gateway_port}/readyz"
+        await self._ready(self.gateway, self.gateway_port, "gateway", limit_s)
+        if self.redis_gateway is not None:
+            await self._ready(self.redis_gateway, self.redis_gateway_port, "redis-gateway", limit_s)
+
+    async def _ready(self, gateway: subprocess.Popen[bytes] | None, port: int, name: str, limit_s: float) -> None:
+        """Until /readyz answers 200 (and, on Redis, says shared: it starts degraded otherwise)."""
+        url = f"http://127.0.0.1:{port}/readyz"
         deadline = time.monotonic() + limit_s
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < deadline:
-                assert self.gateway is not None
-                if self.gateway.poll() is not None:
+                assert gateway is not None
+                if gateway.poll() is not None:
                     break
                 try:
                     async with session.get(url) as response:
-                        if response.status == 200:
+                        ready = await response.json(content_type=None)
+                        if response.status == 200 and ready.get("state", {}).get("mode") != "degraded":
                             return
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.05)
-        log = (self.dir / "gateway.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"the gateway did not become ready:\n{log}")
+        log = (self.dir / f"{name}.log").read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"the {name} did not become ready:\n{log}")
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

@@ -8,7 +8,11 @@ pinned with `taskset` when there are cores for it: the gateway alone on the last
 simulator and this load generator on the first. Then, for both paths, with the same
 aiohttp client (a keep-alive pool on uvloop):
 
-  latency      non-streamed p50/p99 at fixed rates (open loop: 200 and 1,000 rps)
+  latency      non-streamed p50/p99 at fixed rates (open loop: 200 and 1,000 rps), also
+               through a second gateway whose state is in Redis (`server.state`, a
+               redis-server beside the simulator), when redis-server is installed: what
+               the shared state's round trip per admission costs, against memory in the
+               same run
   throughput   the most requests per second at concurrency 64 (closed loop)
   streaming    time to first token, and each chunk's transit from the upstream's write to
                the client's read (chunks are stamped with CLOCK_MONOTONIC by the simulator)
@@ -73,6 +77,11 @@ class Paths:
                       "gateway": Target(f"{gw}/v1/chat/completions", body("auto", False), json),
                       "bare": Target(f"http://127.0.0.1:{fleet.bare_port}/v1/chat/completions",
                                      body(INSTANT, False), json)}
+        self.pids = {"gateway": fleet.gateway.pid}
+        if fleet.redis_gateway is not None:
+            self.plain["redis"] = Target(f"http://127.0.0.1:{fleet.redis_gateway_port}/v1/chat/completions",
+                                         body("auto", False), json)
+            self.pids["redis"] = fleet.redis_gateway.pid
         self.paced = {"direct": Target(f"{sim}/stamped/v1/chat/completions", body(paced_model(settings), True),
                                        json, stream=True),
                       "gateway": Target(f"{gw}/v1/chat/completions", body("auto", True),
@@ -101,16 +110,24 @@ def _cpu_per_request(pid: int, before_ns: int, results: list[Result]) -> float:
 async def phase_latency(session: aiohttp.ClientSession, paths: Paths, order: list[str], rate: int,
                         s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if "redis" in paths.plain:          # the Redis-backed gateway too, first or last by turns
+        order = [*order, "redis"] if order[0] == "direct" else ["redis", *order]
     for path in order:
         target = paths.plain[path]
-        cpu = cpu_ns(paths.gateway_pid)
+        pid = paths.pids.get(path)
+        cpu = cpu_ns(pid) if pid else 0
         results, lateness = await open_loop(lambda t=target: send(session, t), rate, int(rate * s.rate_seconds) + 1,
                                             s.rate_seconds)
         out[path] = {**_ms(results), "send_lateness_ms": round(lateness * 1000, 3)}
-        if path == "gateway":
-            out[path]["cpu_us_per_request"] = _cpu_per_request(paths.gateway_pid, cpu, results)
+        if pid:
+            out[path]["cpu_us_per_request"] = _cpu_per_request(pid, cpu, results)
     out["added_p50_ms"] = round(out["gateway"]["p50_ms"] - out["direct"]["p50_ms"], 3)
     out["added_p99_ms"] = round(out["gateway"]["p99_ms"] - out["direct"]["p99_ms"], 3)
+    if "redis" in out:
+        out["redis_added_p50_ms"] = round(out["redis"]["p50_ms"] - out["direct"]["p50_ms"], 3)
+        out["redis_added_p99_ms"] = round(out["redis"]["p99_ms"] - out["direct"]["p99_ms"], 3)
+        out["redis_minus_memory_p50_ms"] = round(out["redis"]["p50_ms"] - out["gateway"]["p50_ms"], 3)
+        out["redis_minus_memory_p99_ms"] = round(out["redis"]["p99_ms"] - out["gateway"]["p99_ms"], 3)
     return out
 
 
@@ -205,6 +222,9 @@ async def one_run(s: Settings, cores: dict[str, list[int] | None], index: int, p
 
 
 async def _warm(session: aiohttp.ClientSession, paths: Paths, order: list[str], s: Settings) -> None:
+    if "redis" in paths.plain:
+        target = paths.plain["redis"]
+        await closed_loop(lambda t=target: send(session, t), 8, s.warmup, 10)
     for path in order:         # warm the pools, the caches and both servers
         target = paths.plain[path]
         await closed_loop(lambda t=target: send(session, t), 8, s.warmup, 10)
@@ -354,6 +374,14 @@ def markdown(result: dict[str, Any]) -> str:
             target = {"p50": "<= 0.5 ms", "p99": "<= 2 ms"}[q] if rate == "200rps" else ""
             rows.append(f"| latency {q} at {rate[:-3]} rps (ms) | {d[f'{q}_ms']:g} | {g[f'{q}_ms']:g} | "
                         f"{section[f'added_{q}_ms']:+g}{_spread(section, f'added_{q}_ms')} | {target} |")
+            if "redis" in section:
+                rd = section["redis"]
+                target = "<= 0.3 ms over memory" if rate == "200rps" and q == "p50" else ""
+                rows.append(f"| latency {q} at {rate[:-3]} rps, state in Redis (ms) | {d[f'{q}_ms']:g} | "
+                            f"{rd[f'{q}_ms']:g} | {section[f'redis_added_{q}_ms']:+g}"
+                            f"{_spread(section, f'redis_added_{q}_ms')}; Redis minus memory "
+                            f"{section[f'redis_minus_memory_{q}_ms']:+g}"
+                            f"{_spread(section, f'redis_minus_memory_{q}_ms')} | {target} |")
     t = result["throughput"]
     rows.append(f"| throughput at concurrency {result['settings']['concurrency']} (rps) | {t['direct']['rps']:g} | "
                 f"{t['gateway']['rps']:g}{_spread(t['gateway'], 'rps')} | x{t['ratio']:g} | >= 3000 |")

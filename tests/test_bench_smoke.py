@@ -4,6 +4,7 @@ users and the README rely on. No timing assertions: speed is what the benches re
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -72,6 +73,10 @@ def test_overhead_measures_both_paths() -> None:
     assert memory["open_streams"] == result["settings"]["open_streams"] and memory["errors"] == 0
     assert memory["rss_idle_kb"] > 0 and "kb_per_stream" in memory
     assert "| figure | direct | gateway |" in proc.stderr
+    if shutil.which("redis-server") is not None:        # the same gateway with its state in Redis
+        assert latency["redis"]["n"] > 0 and latency["redis"]["errors"] == 0
+        assert isinstance(latency["redis_minus_memory_p50_ms"], float)
+        assert "state in Redis" in proc.stderr
 
 
 def test_overhead_page_mode_compares_no_page_with_pages_streaming() -> None:

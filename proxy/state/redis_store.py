@@ -4,7 +4,7 @@ Each admission is one atomic script call (`lua/admit.lua`) on the Redis server's
 the key's bucket and every bucket of the chosen deployment are reserved together or not
 at all, and a half-open probe slot is taken in the same call, so probes are bounded
 cluster-wide. Settles, memo writes and deletes never wait: they queue in an outbox that
-is sent as one pipeline per event-loop turn, off the client's byte path.
+is sent as one pipeline every few milliseconds, off the client's byte path.
 
 Every call is bounded by `timeout_s`; a failure or a timeout raises `StateUnavailable`
 (the failover wrapper in `failover` then serves from local shares). Nothing here retries.
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+import orjson
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
@@ -46,6 +47,7 @@ log = logging.getLogger("proxy.state")
 
 SCRIPTS = ("admit", "settle", "view", "charge")
 MAX_CONNECTIONS = 64
+OUTBOX_GATHER_S = 0.002
 
 
 class StateUnavailable(Exception):
@@ -62,11 +64,11 @@ def load_script(name: str) -> str:
 
 
 def connect(url: str, password: str | None, timeout_s: float) -> Redis:
-    """A client on its own pool, with no retries of its own: the caller bounds and degrades."""
-    pool = BlockingConnectionPool.from_url(
-        url, password=password, max_connections=MAX_CONNECTIONS, timeout=None,
-        socket_timeout=max(1.0, timeout_s * 4), socket_connect_timeout=max(1.0, timeout_s * 4),
-        retry=Retry(NoBackoff(), 0))
+    """A client on its own pool, with no retries and no socket timeouts of its own (each would
+    wrap every read in another timer): the caller bounds every call and degrades. A plain
+    pool: a call that finds all connections busy fails at once, and is served locally."""
+    pool = ConnectionPool.from_url(url, password=password, max_connections=MAX_CONNECTIONS,
+                                   socket_connect_timeout=max(1.0, timeout_s * 4), retry=Retry(NoBackoff(), 0))
     return Redis(connection_pool=pool)
 
 
@@ -164,15 +166,16 @@ class RedisState:
         key = admission.key
         if key is not None:
             keys.append(self._key("bucket", key.name))
-        args: list[Any] = [self._now(), 1 if key is not None else 0, key.per_minute if key else 0,
-                           key.amount if key else 0, 1 if admission.force else 0, self.policy.probes,
-                           admission.probe_lease_s, len(admission.options)]
+        options = []
         for option in admission.options:
             keys.append(self._key("breaker", option.deployment_id))
-            args.append(len(option.buckets))
-            for spec in option.buckets:
-                keys.append(self._key("bucket", spec.name))
-                args += (spec.per_minute, spec.amount)
+            keys += [self._key("bucket", spec.name) for spec in option.buckets]
+            options.append([(spec.per_minute, spec.amount) for spec in option.buckets])
+        request: dict[str, Any] = {"now": self._now(), "force": 1 if admission.force else 0,
+                                   "probes": self.policy.probes, "lease": admission.probe_lease_s, "options": options}
+        if key is not None:
+            request["key"] = (key.per_minute, key.amount)
+        args = [orjson.dumps(request)]
         answer = await self._bounded("admit", self._script("admit", keys, args))
         if int(answer[0]) == 1:
             index = int(answer[1]) - 1
@@ -278,8 +281,11 @@ class RedisState:
         return self._flushing
 
     async def _flush(self) -> None:
-        """Send everything queued as one pipeline per turn until the outbox is empty."""
+        """Send everything queued as one pipeline until the outbox is empty. Writes gather for
+        `OUTBOX_GATHER_S` first: a request's settle and its feedback record, and those of
+        requests around it, then share one round trip."""
         try:
+            await asyncio.sleep(OUTBOX_GATHER_S)
             while self._outbox:
                 batch, self._outbox = self._outbox, []
                 try:

@@ -4,23 +4,25 @@
 -- are taken together. Mirrors MemoryState.admit_now.
 --
 -- KEYS: [key bucket], then per option: its breaker, then its buckets.
--- ARGV: now ('' = the server's clock), has_key, key capacity, key amount, force, probes,
---       probe lease (s), number of options, then per option: number of buckets, then per
---       bucket: capacity, amount.
+-- ARGV[1]: JSON {now ('' = the server's clock), key: [capacity, amount] or absent, force,
+--       probes, lease (s), options: [[[capacity, amount] per bucket] per option]}: one
+--       argument, so that the client encodes one string rather than dozens.
 -- With no options, the key's bucket alone is taken.
--- Returns {1, option (1-based; 0 for the key alone), probe, epoch} or {0, reason, retry_after, longest option,
---       open_for, open_wait}.
+-- Returns {1, option (1-based; 0 for the key alone), probe, epoch} or {0, reason,
+--       retry_after, longest option, open_for, open_wait}.
 
-local now = clock(ARGV[1])
-local has_key = ARGV[2] == '1'
-local force = ARGV[5] == '1'
-local probes = tonumber(ARGV[6])
-local lease = tonumber(ARGV[7])
-local n = tonumber(ARGV[8])
-local ki, ai = 1, 9
+local a = cjson.decode(ARGV[1])
+local now = clock(a.now)
+local force = a.force == 1
+local probes = a.probes
+local lease = a.lease
+local options = a.options
+local n = #options
+local ki = 1
+local has_key = type(a.key) == 'table'
 local key_capacity, key_amount, key_level
 if has_key then
-  key_capacity, key_amount = tonumber(ARGV[3]), tonumber(ARGV[4])
+  key_capacity, key_amount = a.key[1], a.key[2]
   key_level = bucket_level(KEYS[1], key_capacity, now)
   local w = bucket_wait(key_capacity, key_level, key_amount)
   if w > 0 then return {0, 'key_limited', tostring(w), 0, '0', '0'} end
@@ -46,12 +48,12 @@ end
 for i = 1, n do
   local breaker_key = KEYS[ki]
   ki = ki + 1
-  local nb = tonumber(ARGV[ai])
-  ai = ai + 1
+  local specs = options[i]
+  local nb = #specs
   local keys, capacities, amounts, levels = {}, {}, {}, {}
   for j = 1, nb do
-    keys[j], capacities[j], amounts[j] = KEYS[ki], tonumber(ARGV[ai]), tonumber(ARGV[ai + 1])
-    ki, ai = ki + 1, ai + 2
+    keys[j], capacities[j], amounts[j] = KEYS[ki], specs[j][1], specs[j][2]
+    ki = ki + 1
   end
   local b = breaker_load(breaker_key)
   if (not force) and b.state ~= 'closed' and now < b.open_until then
