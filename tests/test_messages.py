@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import anthropic
 import orjson
+import pydantic
 import pytest
 
 from proxy.simulator import canonical_text
@@ -112,6 +113,27 @@ async def test_a_tool_turn_streams_input_json_and_the_result_gets_text(client: C
     forced = await api.messages.create(model="m0", max_tokens=64, tools=[WEATHER], messages=follow,
                                        tool_choice={"type": "any"})
     assert forced.stop_reason == "tool_use"
+
+
+class Answer(pydantic.BaseModel):
+    answer: str
+
+
+async def test_structured_output_reaches_every_protocol(client: Client, make_gateway: MakeGateway, fleet: Fleet,
+                                                        protocol: str) -> None:
+    """`messages.parse` (and the Vercel AI SDK's `generateObject`) send `output_config.format`, a
+    JSON schema: a chat deployment gets it as `response_format`, not dropped, so the answer parses."""
+    gw = await gateway(make_gateway, protocol, "json-n4")
+    parsed = await client(gw).messages.parse(model="m0", max_tokens=64, messages=ASK, output_format=Answer)
+    assert parsed.parsed_output == Answer(answer="The quick brown fox")
+    sent = fleet.sim.requests_for("json-n4")[-1].body
+    if protocol == "openai":
+        assert sent["response_format"]["type"] == "json_schema"
+        assert list(sent["response_format"]["json_schema"]["schema"]["properties"]) == ["answer"]
+    elif protocol == "gemini":
+        assert sent["generationConfig"]["responseMimeType"] == "application/json"
+    else:                                   # the client's own bytes: Claude enforces the schema itself
+        assert sent["output_config"]["format"]["type"] == "json_schema"
 
 
 async def test_stop_reasons_and_usage(client: Client, make_gateway: MakeGateway, protocol: str) -> None:
@@ -280,6 +302,8 @@ GOOD = {"model": "main", "max_tokens": 16, "messages": ASK}
     ("/v1/messages", {"Authorization": f"Bearer {KEY}"}, {**GOOD, "model": "nope"}, 404, "not_found_error"),
     ("/v1/messages/count_tokens", {"x-api-key": KEY}, {"model": "nope", "messages": ASK}, 404, "not_found_error"),
     ("/v1/messages", {"x-api-key": KEY + "-other"}, GOOD, 403, "permission_error"),
+    ("/v1/messages", {"x-api-key": KEY}, {**GOOD, "output_config": {"format": {"type": "json"}}}, 400,
+     "invalid_request_error"),
     ("/v1/messages", {"x-api-key": KEY}, {**GOOD, "system": "x" * 5000}, 413, "request_too_large"),
     ("/v1/messages/batches", {"x-api-key": KEY}, GOOD, 404, "not_found_error"),
     ("/v1/messages", {"x-api-key": KEY}, {**GOOD, "model": "broken"}, 502, "api_error"),

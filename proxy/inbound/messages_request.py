@@ -20,7 +20,11 @@ ahead of the rest of their user turn (`is_error` prefixes the text with "Error: 
 `call_X`, reversed on the way back); `tool_choice` any/tool/none/auto and
 `disable_parallel_tool_use` map to `tool_choice` and `parallel_tool_calls`; `max_tokens`
 becomes `max_completion_tokens` (the field every current OpenAI model accepts; reasoning
-models reject `max_tokens`); `stop_sequences` becomes `stop`.
+models reject `max_tokens`); `stop_sequences` becomes `stop`; structured output
+(`output_config.format`, or the beta's top-level `output_format`: a JSON schema the answer
+must follow, what the SDKs' `messages.parse` and the Vercel AI SDK's `generateObject` send)
+becomes `response_format` `json_schema`, so the router sees JSON output too; other
+`output_config` members are dropped and named.
 Pure: no I/O.
 """
 
@@ -40,7 +44,7 @@ _ROLES = ("user", "assistant")
 _CHOICE_TO_CHAT = {theirs: ours for ours, theirs in TOOL_CHOICE.items()}
 # Top-level fields chat has a place for; anything else is dropped and named.
 _TRANSLATED = frozenset(("model", "messages", "system", "max_tokens", "stream", "stop_sequences", "temperature",
-                         "top_p", "tools", "tool_choice"))
+                         "top_p", "tools", "tool_choice", "output_format"))
 # Top-level fields whose meaning lives only on Anthropic's side: a chat deployment cannot serve them.
 _ANTHROPIC_ONLY = ("mcp_servers", "container")
 _SENDABLE_BLOCKS = frozenset(("text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"))
@@ -105,10 +109,26 @@ def check(body: Any, *, count_only: bool = False) -> dict[str, Any]:
         raise bad_request("tool_choice.type: must be one of auto, any, tool, none", "tool_choice")
     if isinstance(choice, dict) and choice["type"] == "tool" and not isinstance(choice.get("name"), str):
         raise bad_request("tool_choice.name: required when type is 'tool'", "tool_choice.name")
-    for name in ("thinking", "metadata", "context_management"):
+    for name in ("thinking", "metadata", "context_management", "output_config"):
         if body.get(name) is not None and not isinstance(body[name], dict):
             raise bad_request(f"{name}: must be an object", name)
+    output_format(body)
     return body
+
+
+def output_format(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The structured-output format a checked body asks for (`output_config.format`, or the
+    beta's top-level `output_format`), or None; a 400 naming the field when it is malformed."""
+    for where, fmt in (("output_config.format", (body.get("output_config") or {}).get("format")),
+                       ("output_format", body.get("output_format"))):
+        if fmt is None:
+            continue
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+            raise bad_request(f"{where}.type: must be 'json_schema'", f"{where}.type")
+        if not isinstance(fmt.get("schema"), dict):
+            raise bad_request(f"{where}.schema: a JSON schema object is required", f"{where}.schema")
+        return fmt
+    return None
 
 
 def _check_content(content: Any, where: str) -> None:
@@ -273,11 +293,18 @@ def to_chat(body: Mapping[str, Any]) -> Translated:
         chat["tool_choice"] = _tool_choice(choice)
         if choice.get("disable_parallel_tool_use") is True and choice["type"] != "none":
             chat["parallel_tool_calls"] = False
+    fmt = output_format(body)
+    if fmt is not None:
+        # No `strict`: OpenAI's strict mode refuses schemas Anthropic accepts (optional properties).
+        chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
+    for name in body.get("output_config") or ():
+        if name != "format":
+            notes.drop(f"output_config.{name}")
     for name in _ANTHROPIC_ONLY:
         if body.get(name):
             notes.cannot(f"'{name}'", body[name])
     for name in body:
-        if name not in _TRANSLATED and name not in _ANTHROPIC_ONLY:
+        if name not in _TRANSLATED and name not in _ANTHROPIC_ONLY and name != "output_config":
             notes.drop(name)
     return Translated(chat, notes.dropped, notes.unsendable, notes.extra_tokens)
 

@@ -95,7 +95,9 @@ class AnthropicWire:
             tool_choice_none=tool_choice.get("type") == "none",
             tool_forced=tool_choice.get("type") in ("any", "tool"),
             after_tool_result=bool(messages) and _has_block(messages[-1], "tool_result"),
-            json_output="json" in system.lower(),       # the model follows an instruction to answer in JSON
+            # The model follows an instruction to answer in JSON, or structured output's schema.
+            json_output="json" in system.lower() or bool((payload.get("output_config") or {}).get("format")
+                                                          or payload.get("output_format")),
             prefill=prefill,
         )
 
