@@ -256,6 +256,26 @@ async def test_item_references_replay_stored_output_items(make_gateway: MakeGate
     assert status == 404                                    # its items went with the response
 
 
+async def test_item_references_are_bounded_before_any_is_looked_up(make_gateway: MakeGateway) -> None:
+    """Every reference is a read of the state store (a Redis round trip when shared): one body of
+    a few MB could name 100,000 of them. More than `max_messages` is a 400 before any read."""
+    gw = await make_gateway({"ok": model_entry("j-n3")},
+                            {"chains": {"main": ["ok"]}, "default": "main", "server": {"max_messages": 4}})
+    reads: list[str] = []
+    recall = gw.gateway.state.recall
+
+    async def counted(scope: str, key: str) -> bytes | None:
+        reads.append(key)
+        return await recall(scope, key)
+
+    gw.gateway.state.recall = counted       # type: ignore[method-assign]
+    references = [{"type": "item_reference", "id": f"msg_{i}"} for i in range(5)]
+    status, _, raw = await post(gw, {**ASK, "input": references})
+    assert status == 400 and openai_error(raw)["param"] == "input" and reads == []
+    status, _, raw = await post(gw, {**ASK, "input": references[:4]})
+    assert status == 404 and openai_error(raw)["code"] == "item_not_found" and len(reads) == 4
+
+
 async def test_stored_responses_are_shared_through_redis(make_gateway: MakeGateway, redis_server: Any) -> None:
     """Two instances on one Redis: a follow-up, a reference and a read may reach either, at once
     (the store is written before the client sees the end, so no wait is needed)."""

@@ -28,7 +28,7 @@ import orjson
 from aiohttp import web
 
 from ..config import GatewayKey
-from ..errors import GatewayError
+from ..errors import GatewayError, bad_request
 from ..gateway import Gateway
 from ..server.edge import GATEWAY, error_response, json_response, request_id
 from ..state import Memos
@@ -90,6 +90,10 @@ class Responses:
     async def decode(self, body: Any, raw: bytes, key: GatewayKey | None, gateway: Gateway) -> Call:
         stored = Stored(gateway.state, key)
         references = item_references(body)
+        limit = gateway.snapshot.config.server.max_messages
+        if len(references) > limit:     # each is a state read: bounded before any is made
+            raise bad_request(f"'input' holds {len(references)} item_reference items; at most {limit} "
+                              "(server.max_messages)", "input")
         request = parse_request(body, await stored.items(references) if references else None)
         history: list[dict[str, Any]] = []
         if request.previous_response_id is not None:
