@@ -18,9 +18,10 @@ Imports breaker and the state package only; `redis` is imported here and nowhere
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -66,7 +67,8 @@ def load_script(name: str) -> str:
 def connect(url: str, password: str | None, timeout_s: float) -> Redis:
     """A client on its own pool, with no retries and no socket timeouts of its own (each would
     wrap every read in another timer): the caller bounds every call and degrades. A plain
-    pool: a call that finds all connections busy fails at once, and is served locally."""
+    pool, which fails a call that finds every connection busy: `RedisState` never lets more
+    than `MAX_CONNECTIONS` calls out at once, so that cannot happen."""
     pool = ConnectionPool.from_url(url, password=password, max_connections=MAX_CONNECTIONS,
                                    socket_connect_timeout=max(1.0, timeout_s * 4), retry=Retry(NoBackoff(), 0))
     return Redis(connection_pool=pool)
@@ -100,6 +102,9 @@ class RedisState:
         self._shas: dict[str, str] = {}
         self._outbox: list[_Queued] = []
         self._flushing: asyncio.Task[None] | None = None
+        # A burst of more calls than pooled connections is load, not an outage: the rest wait
+        # for a connection within their bound (the pool itself would fail them at once).
+        self._connections = asyncio.Semaphore(MAX_CONNECTIONS)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -108,7 +113,7 @@ class RedisState:
 
     async def start(self) -> None:
         """Load the scripts (again, after a Redis restart); nothing waits on this but the start."""
-        await self._bounded("start", self._load_scripts(), max(self.timeout_s, 2.0))
+        await self._bounded("start", self._load_scripts, max(self.timeout_s, 2.0))
 
     async def _load_scripts(self) -> None:
         for name, source in self._sources.items():
@@ -129,12 +134,14 @@ class RedisState:
         self.policy = policy
         self._schedule = policy.schedule()
 
-    async def _bounded(self, operation: str, call: Any, bound_s: float | None = None) -> Any:
-        """Await a Redis call within `timeout_s`; count it; StateUnavailable past the bound."""
+    async def _bounded(self, operation: str, call: Callable[[], Awaitable[Any]], bound_s: float | None = None
+                       ) -> Any:
+        """Make a Redis call within `timeout_s` (waiting for a free connection included); count
+        it; StateUnavailable past the bound."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(bound_s or self.timeout_s):
-                result = await call
+            async with asyncio.timeout(bound_s or self.timeout_s), self._connections:
+                result = await call()
         except (TimeoutError, RedisError, OSError) as exc:
             health = self.health
             health.errors[operation] = health.errors.get(operation, 0) + 1
@@ -176,7 +183,7 @@ class RedisState:
         if key is not None:
             request["key"] = (key.per_minute, key.amount)
         args = [orjson.dumps(request)]
-        answer = await self._bounded("admit", self._script("admit", keys, args))
+        answer = await self._bounded("admit", lambda: self._script("admit", keys, args))
         if int(answer[0]) == 1:
             index = int(answer[1]) - 1
             if index < 0:                       # the key alone
@@ -212,10 +219,10 @@ class RedisState:
         args: list[Any] = [self._now()]
         for per_minute, amount in amounts.values():
             args += (per_minute, amount)
-        await self._bounded("charge", self._script("charge", keys, args))
+        await self._bounded("charge", lambda: self._script("charge", keys, args))
 
     async def ping(self) -> None:
-        await self._bounded("ping", self.client.ping())
+        await self._bounded("ping", self.client.ping)
 
     async def reconnect(self) -> None:
         """Drop every pooled connection: after an outage they may lead to a Redis that is gone,
@@ -229,7 +236,7 @@ class RedisState:
         names = list(buckets)
         keys = [self._key("breaker", d) for d in ids] + [self._key("bucket", n) for n in names]
         args: list[Any] = [self._now(), len(ids), *buckets.values()]
-        out = await self._bounded("view", self._script("view", keys, args))
+        out = await self._bounded("view", lambda: self._script("view", keys, args))
         words = [w.decode() if isinstance(w, bytes) else str(w) for w in out]
         now = float(words[0])
         breaker_views = {}
@@ -250,7 +257,7 @@ class RedisState:
         return self._queue(_Queued(None, ("SET", self._key("memo", f"{scope}:{key}"), value, "PX", ttl_ms), False))
 
     async def recall(self, scope: str, key: str) -> bytes | None:
-        value = await self._bounded("recall", self.client.get(self._key("memo", f"{scope}:{key}")))
+        value = await self._bounded("recall", lambda: self.client.get(self._key("memo", f"{scope}:{key}")))
         return value if value is None or isinstance(value, bytes) else str(value).encode()
 
     def forget(self, scope: str, key: str) -> asyncio.Future[bool]:
@@ -260,7 +267,7 @@ class RedisState:
 
     async def _forget(self, scope: str, key: str) -> bool:
         try:
-            return bool(await self._bounded("forget", self.client.delete(self._key("memo", f"{scope}:{key}"))))
+            return bool(await self._bounded("forget", lambda: self.client.delete(self._key("memo", f"{scope}:{key}"))))
         except StateUnavailable as exc:
             self.on_failure(exc)
             return False
@@ -289,7 +296,7 @@ class RedisState:
             while self._outbox:
                 batch, self._outbox = self._outbox, []
                 try:
-                    results = await self._bounded("write", self._send(batch))
+                    results = await self._bounded("write", functools.partial(self._send, batch))
                 except StateUnavailable as exc:
                     results = [item.failed for item in batch]
                     self.on_failure(exc)
