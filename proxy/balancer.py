@@ -10,10 +10,11 @@ subset in such a race is drawn in proportion to the weights within that subset.
 
 Buckets: requests per minute and tokens per minute, per deployment and per provider
 account, named here (`deployment:<id>:rpm`, `provider:<name>:tpm`, `key:<name>`). A
-request reserves 1 request and its input tokens + max_tokens (1,024 when it sets none,
-capped at the bucket's size); `settle` refunds what the real usage did not spend, or takes
-what it spent beyond the reservation. Load statistics (in flight, time to first token)
-stay per process: they steer this instance's choices only.
+request reserves 1 request and its input tokens + max_tokens (1,024 when it sets none;
+one larger than the bucket waits for a full bucket and leaves it in debt); `settle`
+refunds what the real usage did not spend, or takes what it spent beyond the reservation.
+Load statistics (in flight, time to first token) stay per process: they steer this
+instance's choices only.
 
 Imports config and state only.
 """

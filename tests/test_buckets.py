@@ -9,10 +9,10 @@ import time
 import aiohttp
 import pytest
 
-from proxy.balancer import Balancer, Load, Refused, Reservation, reservation_tokens
+from proxy.balancer import Balancer, Load, Refused, Reservation, bucket_specs, reservation_tokens
 from proxy.breaker import BreakerPolicy
 from proxy.config import Deployment, Limits, Price, Provider, Timeouts
-from proxy.state import MemoryState, Outcome, TokenBucket
+from proxy.state import Admission, BucketSpec, Grant, MemoryState, Option, Outcome, TokenBucket
 
 from .conftest import Fleet, MakeGateway, model_entry
 from .streams import plain_chat
@@ -53,7 +53,7 @@ def test_bucket_refills_at_its_rate_and_never_above_capacity() -> None:
     assert b.wait_s(1, 1000.0) == 0.0 and b.level == 60.0
 
 
-async def test_reservation_is_capped_at_the_bucket_size_and_settled_with_real_usage() -> None:
+async def test_a_reservation_beyond_the_bucket_waits_for_a_full_one_and_is_settled_with_real_usage() -> None:
     state, balancer, clock = setup()
     d = deployment("a", limits=Limits(tpm=1000))
     tokens = reservation_tokens(100, 400)
@@ -66,9 +66,9 @@ async def test_reservation_is_capped_at_the_bucket_size_and_settled_with_real_us
     assert bucket.level == pytest.approx(880)
     assert isinstance(await balancer.choose([d], "weighted", 5000, set()), Refused)   # needs a full bucket
     clock.now = 60.0
-    big = await balancer.choose([d], "weighted", 5000, set())     # full again: takes all of it
-    assert isinstance(big, Reservation) and bucket.level == pytest.approx(0)
-    balancer.settle(big, Outcome(1500))              # spent more than it could reserve: the bucket owes it
+    big = await balancer.choose([d], "weighted", 5000, set())     # full again: admitted, and owes the rest
+    assert isinstance(big, Reservation) and bucket.level == pytest.approx(-4000)
+    balancer.settle(big, Outcome(1500))              # spent 1,500: what it did not spend comes back
     assert bucket.level == pytest.approx(-500)
     refused = await balancer.choose([d], "weighted", 10, set())
     assert isinstance(refused, Refused) and refused.refusal.reason == "rate_limited"
@@ -107,6 +107,26 @@ async def test_a_share_scales_every_limit() -> None:
     assert admitted == 30
     refused = await balancer.choose([d], "weighted", 100, set())
     assert isinstance(refused, Refused) and refused.refusal.retry_after == pytest.approx(2.0)   # 0.5 a second
+
+
+async def test_shares_smaller_than_one_request_still_hold_the_total() -> None:
+    """rpm 2 over 4 processes (2 instances x 2 workers while Redis is away): each process's
+    share is half a request a minute. Each process admits whenever its share lets it for 10
+    minutes: together they stay within the limit's burst plus its refill (2 + 10 x 2)."""
+    clock = Clock()
+    processes = [MemoryState(clock=clock, share=0.25) for _ in range(4)]
+    d = deployment("a", limits=Limits(rpm=2))
+    key = BucketSpec("key:batch", 2, 1)
+    admitted = keyed = 0
+    for second in range(600):
+        clock.now = float(second)
+        for state in processes:
+            if isinstance(state.admit_now(Admission((Option(d.id, bucket_specs(d, 1)),))), Grant):
+                admitted += 1
+            if isinstance(state.admit_now(Admission((), key)), Grant):
+                keyed += 1
+    assert admitted <= 22 and keyed <= 22
+    assert admitted >= 18 and keyed >= 18       # and the shares together still reach the limit
 
 
 async def test_weighted_choice_follows_weights() -> None:

@@ -1,9 +1,12 @@
 """The token bucket: pure arithmetic with time as a parameter.
 
 Requests per minute and tokens per minute are both buckets of `per_minute` units that
-refill evenly at `per_minute / 60` per second. A take may push the level below zero (a
-settle of real usage beyond the reservation): the debt delays the next admission.
-The Redis backend's Lua script (`scripts/admit.lua`) repeats exactly this arithmetic
+refill evenly at `per_minute / 60` per second. A request larger than the bucket is
+admitted once the bucket is full (it could never fit otherwise), and takes all it
+reserves: the level goes below zero, and the debt delays the next admission. So a bucket
+never admits more than its size plus its refill, even when a worker's share of a limit is
+smaller than one request (rpm 2 over 4 processes: each admits one every two minutes).
+The Redis backend's scripts (`lua/common.lua`) repeat exactly this arithmetic
 server-side; `tests/test_state_contract.py` holds both to the same expectations.
 No I/O, no imports from the package.
 """
@@ -35,7 +38,7 @@ class TokenBucket:
 
     def take(self, amount: float, now: float) -> None:
         self._refill(now)
-        self.level -= min(amount, self.capacity)
+        self.level -= amount
 
     def refund(self, amount: float, now: float) -> None:
         self._refill(now)
@@ -49,8 +52,7 @@ class TokenBucket:
 
     def settle(self, reserved: float, used: float, now: float) -> None:
         """Correct a reservation of `reserved` to the real `used`: refund or charge the difference."""
-        taken = min(reserved, self.capacity)
-        if used < taken:
-            self.refund(taken - used, now)
-        elif used > taken:
-            self.take(used - taken, now)
+        if used < reserved:
+            self.refund(reserved - used, now)
+        elif used > reserved:
+            self.take(used - reserved, now)

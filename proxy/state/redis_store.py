@@ -10,7 +10,8 @@ Every call is bounded by `timeout_s`; a failure or a timeout raises `StateUnavai
 (the failover wrapper in `failover` then serves from local shares). Nothing here retries.
 A probe slot whose settle never comes (its instance died) frees after its lease; a
 reservation that is never settled simply stays spent until the bucket refills (at most
-one minute for a full bucket), so a dead instance cannot hold capacity for longer.
+one minute for a full bucket; longer only for one reservation larger than the bucket),
+so a dead instance cannot hold capacity for longer.
 
 Imports breaker and the state package only; `redis` is imported here and nowhere else.
 """

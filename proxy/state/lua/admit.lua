@@ -27,7 +27,7 @@ if has_key then
   local w = bucket_wait(key_capacity, key_level, key_amount)
   if w > 0 then return {0, 'key_limited', tostring(w), 0, '0', '0'} end
   if n == 0 then                                          -- a request that calls no deployment
-    bucket_store(KEYS[1], key_capacity, bucket_take(key_capacity, key_level, key_amount), now)
+    bucket_store(KEYS[1], key_capacity, bucket_take(key_level, key_amount), now)
     return {1, 0, 0, 0}
   end
   ki = 2
@@ -87,10 +87,10 @@ for i = 1, n do
       end
       if admitted then
         for j = 1, nb do
-          bucket_store(keys[j], capacities[j], bucket_take(capacities[j], levels[j], amounts[j]), now)
+          bucket_store(keys[j], capacities[j], bucket_take(levels[j], amounts[j]), now)
         end
         if has_key then
-          bucket_store(KEYS[1], key_capacity, bucket_take(key_capacity, key_level, key_amount), now)
+          bucket_store(KEYS[1], key_capacity, bucket_take(key_level, key_amount), now)
         end
         return {1, i, probe and 1 or 0, b.epoch}
       end

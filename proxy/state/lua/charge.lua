@@ -4,6 +4,6 @@
 local now = clock(ARGV[1])
 for i = 1, #KEYS do
   local capacity, amount = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  bucket_store(KEYS[i], capacity, bucket_take(capacity, bucket_level(KEYS[i], capacity, now), amount), now)
+  bucket_store(KEYS[i], capacity, bucket_take(bucket_level(KEYS[i], capacity, now), amount), now)
 end
 return #KEYS

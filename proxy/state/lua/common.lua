@@ -26,8 +26,9 @@ local function bucket_store(key, capacity, level, now)
              'PX', math.ceil((capacity - level) / (capacity / 60) * 1000) + 1000)
 end
 
-local function bucket_take(capacity, level, amount)
-  return level - math.min(amount, capacity)
+-- All of it, also beyond the capacity (admitted at a full bucket): the debt delays the next.
+local function bucket_take(level, amount)
+  return level - amount
 end
 
 local function bucket_wait(capacity, level, amount)

@@ -26,11 +26,10 @@ for j = 1, nb do
   if used ~= nil then
     local key = KEYS[2 + j]
     local level = bucket_level(key, capacity, now)
-    local taken = math.min(reserved, capacity)
-    if used < taken then
-      level = math.min(capacity, level + taken - used)
-    elseif used > taken then
-      level = bucket_take(capacity, level, used - taken)
+    if used < reserved then
+      level = math.min(capacity, level + reserved - used)
+    elseif used > reserved then
+      level = bucket_take(level, used - reserved)
     end
     bucket_store(key, capacity, level, now)
   end
