@@ -4,6 +4,12 @@ Opens after `consecutive` failures in a row, or when at least `min_calls` calls 
 last `window_s` seconds failed at `ratio` or more. Half-open admits `probes` requests at
 a time; one success closes it.
 
+A probe slot is freed by its own probe's end only (a verdict, or none when its client
+left): not by a reopening, nor by a request admitted before the breaker opened that fails
+meanwhile, so at most `probes` are ever in flight. Slots belong to an `epoch`, which a
+close ends: a probe that ends after its breaker has closed (and perhaps opened again)
+frees nothing. Only a probe's own failure counts as a failed probe for the schedule.
+
 The recovery schedule is the policy's few numbers, so every state backend (memory,
 Redis) applies the same one. The open interval is the provider's `Retry-After` when the
 failure gave one (capped at `max_open_s`); otherwise `open_s`, doubling after each failed
@@ -53,7 +59,7 @@ class BreakerPolicy:
 
 
 class CircuitBreaker:
-    __slots__ = ("policy", "state", "opened_at", "open_until", "held_until", "_failed_probes", "_streak",
+    __slots__ = ("policy", "state", "opened_at", "open_until", "held_until", "epoch", "_failed_probes", "_streak",
                  "_recent", "_probing")
 
     def __init__(self, policy: BreakerPolicy = BreakerPolicy()) -> None:
@@ -62,6 +68,7 @@ class CircuitBreaker:
         self.opened_at = 0.0
         self.open_until = 0.0
         self.held_until = 0.0           # a rate-limit hold (429 Retry-After): not a failure
+        self.epoch = 0                  # the probe slots' generation: a slot taken now belongs to it
         self._failed_probes = 0
         self._streak = 0
         self._recent: deque[tuple[float, bool]] = deque(maxlen=256)
@@ -75,7 +82,6 @@ class CircuitBreaker:
             if now < self.open_until:
                 return False
             self.state = HALF_OPEN
-            self._probing = 0
         if self._probing < self.policy.probes:
             self._probing += 1
             return True
@@ -88,48 +94,53 @@ class CircuitBreaker:
         """
         if self.state == CLOSED:
             return True
-        if self.state == HALF_OPEN and self._probing >= self.policy.probes:
+        if self._probing >= self.policy.probes:
             return False
-        if self.state == OPEN:
-            self.state = HALF_OPEN
-            self._probing = 0
+        self.state = HALF_OPEN
         self._probing += 1
         return True
 
-    def record_success(self, now: float) -> None:
+    def record_success(self, now: float, probe: int | None = None) -> None:
+        """A call that went well; `probe` is the epoch of the probe slot it held, if any."""
+        self.release_probe(probe)
         self._recent.append((now, True))
         self._streak = 0
         if self.state != CLOSED:
             self.state = CLOSED
             self._failed_probes = 0
             self._probing = 0
+            self.epoch += 1         # probes still out belong to the closed breaker
 
-    def record_failure(self, now: float, open_for: float | None = None, cost_s: float = 0.0) -> None:
+    def record_failure(self, now: float, open_for: float | None = None, cost_s: float = 0.0,
+                       probe: int | None = None) -> None:
         """A failed call. `open_for` is the provider's Retry-After, if it gave one; `cost_s` is
-        how long the failure kept its request waiting before it could fall over."""
+        how long the failure kept its request waiting before it could fall over; `probe` is the
+        epoch of the probe slot it held, if any."""
+        own_probe = probe is not None and probe == self.epoch
+        self.release_probe(probe)
         self._recent.append((now, False))
         self._streak += 1
         policy = self.policy
-        if self.state == HALF_OPEN:         # a failed probe: back off, but never past the low cap
+        if self.state == HALF_OPEN and own_probe:   # a failed probe: back off, but never past the low cap
             self._failed_probes += 1
         elif self._streak < policy.consecutive and not self._ratio_exceeded(now):
             return
         interval = policy.open_interval(self._failed_probes)
         self.trip(now, open_for if open_for is not None else max(interval, policy.cost_factor * cost_s))
 
-    def release_probe(self) -> None:
-        """A probe ended without a verdict (for example the client went away)."""
-        if self._probing:
+    def release_probe(self, probe: int | None) -> None:
+        """Free the slot of a probe of `probe` (its epoch) that ended; None: it held none."""
+        if probe is not None and probe == self.epoch and self._probing:
             self._probing -= 1
 
     def trip(self, now: float, duration: float) -> None:
         """Open now, for `duration` seconds, never longer than `max_open_s` (a provider's
-        Retry-After of a day must not take a deployment out for a day)."""
+        Retry-After of a day must not take a deployment out for a day). Probes still out keep
+        their slots until they end."""
         if self.state != OPEN:
             self.opened_at = now
         self.state = OPEN
         self.open_until = max(self.open_until, now + min(duration, self.policy.max_open_s))
-        self._probing = 0
 
     def hold(self, now: float, duration: float) -> None:
         """No traffic for `duration` seconds because the provider asked (429): the deployment is

@@ -74,9 +74,9 @@ def test_half_open_admits_a_bounded_number_of_probes_and_success_closes() -> Non
     assert b.allows(2.0) and b.state == HALF_OPEN
     assert b.allows(2.0)
     assert not b.allows(2.0)                          # probes=2: the third waits
-    b.release_probe()                                 # a probe ended without a verdict
+    b.release_probe(b.epoch)                          # a probe ended without a verdict
     assert b.allows(2.1)
-    b.record_success(2.5)
+    b.record_success(2.5, probe=b.epoch)
     assert b.state == CLOSED and b.allows(2.5) and b.allows(2.5) and b.allows(2.5)
 
 
@@ -88,7 +88,7 @@ def test_a_failed_probe_reopens_for_twice_as_long_up_to_the_backoff_cap() -> Non
     for expected in (4.0, 8.0, 8.0):
         now = b.open_until
         assert b.allows(now)
-        b.record_failure(now)
+        b.record_failure(now, probe=b.epoch)
         assert b.state == OPEN and b.open_until == pytest.approx(now + expected)
     b.record_success(b.open_until)
     for _ in range(3):
@@ -102,16 +102,16 @@ def test_a_costly_failure_opens_for_a_multiple_of_its_cost() -> None:
     b.record_failure(30.0, cost_s=15.0)
     assert b.state == OPEN and b.open_until == pytest.approx(90.0)
     assert b.allows(90.0)
-    b.record_failure(105.0, cost_s=15.0)              # the probe was silent too: as costly again
+    b.record_failure(105.0, cost_s=15.0, probe=b.epoch)   # the probe was silent too: as costly again
     assert b.open_until == pytest.approx(165.0)
     assert b.allows(165.0)
-    b.record_failure(165.05, cost_s=0.05)             # a fast failure: back to the low cap
+    b.record_failure(165.05, cost_s=0.05, probe=b.epoch)  # a fast failure: back to the low cap
     assert b.open_until == pytest.approx(167.05)
     assert b.allows(167.05)
-    b.record_failure(170.0, cost_s=60.0)              # never longer than max_open_s
+    b.record_failure(170.0, cost_s=60.0, probe=b.epoch)   # never longer than max_open_s
     assert b.open_until == pytest.approx(270.0)
     assert b.allows(270.0)
-    b.record_failure(270.0, open_for=7.0, cost_s=3.0)     # the provider's Retry-After is taken as given
+    b.record_failure(270.0, open_for=7.0, cost_s=3.0, probe=b.epoch)  # the provider's Retry-After as given
     assert b.open_until == pytest.approx(277.0)
 
 
@@ -132,7 +132,7 @@ def test_the_default_schedule_returns_soon_after_any_outage_at_any_phase(outage_
                     assert t - outage_s <= bound_s + 1e-9, (step, t)
                     break
                 closed = b.state == CLOSED
-                b.record_failure(t + 0.02, cost_s=0.02)
+                b.record_failure(t + 0.02, cost_s=0.02, probe=None if closed else b.epoch)
                 if closed and b.state == CLOSED:        # dispatch retries the same deployment once
                     b.record_failure(t + 0.1, cost_s=0.02)
             t += gap_s
@@ -143,7 +143,7 @@ def test_forced_probe_is_bounded_too() -> None:
     b.record_failure(0.0)
     assert b.force_probe(1.0) and b.state == HALF_OPEN
     assert not b.force_probe(1.0)
-    b.record_success(1.5)
+    b.record_success(1.5, probe=b.epoch)
     assert b.state == CLOSED
 
 

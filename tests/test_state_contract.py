@@ -167,6 +167,36 @@ async def test_breaker_opens_probes_are_bounded_and_a_success_closes(backend: Ba
         assert isinstance(grant, Grant) and not grant.probe
 
 
+async def test_a_probe_slot_is_freed_by_its_own_settle_only(backend: Backend) -> None:
+    """Half-open admits `probes` (2 here) in flight, whatever else ends meanwhile: a request
+    admitted before the breaker opened that fails now, or one probe failing (and reopening
+    the breaker) while the other is still out, frees no slot of a probe still in flight."""
+    b = backend
+    stale = await b.state.admit(Admission((option("a"),)))      # admitted while closed (a long stream)
+    assert isinstance(stale, Grant) and not stale.probe
+    await fail(b, "a", 3)
+    b.clock.now += 2
+    first, second = [await b.state.admit(Admission((option("a"),))) for _ in range(2)]
+    assert isinstance(first, Grant) and first.probe and isinstance(second, Grant) and second.probe
+    await settle(b, stale, Outcome(0, "fail"))                  # not a probe: frees no probe slot
+    b.clock.now += 8
+    assert isinstance(await b.state.admit(Admission((option("a"),))), Refusal)     # two are still out
+    assert await settle(b, second, Outcome(0, "fail")) == "open"    # a failed probe reopens ...
+    b.clock.now += 8
+    third = await b.state.admit(Admission((option("a"),)))
+    assert isinstance(third, Grant) and third.probe                  # ... and frees its own slot only
+    assert isinstance(await b.state.admit(Admission((option("a"),))), Refusal)     # `first` is still out
+    await settle(b, first, Outcome(0))                           # ended without a verdict
+    fourth = await b.state.admit(Admission((option("a"),)))
+    assert isinstance(fourth, Grant) and fourth.probe
+    assert await settle(b, third, Outcome(10, "ok")) == "closed"
+    await settle(b, fourth, Outcome(0))                          # a slot of before the close: changes nothing
+    await fail(b, "a", 3)
+    b.clock.now += 2
+    again = [await b.state.admit(Admission((option("a"),))) for _ in range(3)]
+    assert [isinstance(g, Grant) and g.probe for g in again] == [True, True, False]
+
+
 async def test_failed_probes_follow_the_policy_schedule(backend: Backend) -> None:
     b = backend
     await fail(b, "a", 3)

@@ -119,7 +119,7 @@ class MemoryState:
             if key_bucket is not None and key is not None:
                 key_bucket.take(key.amount, now)
             return Grant(i, option.deployment_id, breaker.state != CLOSED,
-                         tuple(s for s in option.buckets if s.tokens))
+                         tuple(s for s in option.buckets if s.tokens), epoch=breaker.epoch)
         if wait < math.inf:
             return Refusal("rate_limited", retry_after=wait)
         if longest is not None:
@@ -144,12 +144,13 @@ class MemoryState:
             breaker.trip(now, outcome.trip_for)
         if outcome.hold_for is not None:
             breaker.hold(now, outcome.hold_for)
+        probe = grant.epoch if grant.probe else None
         if outcome.verdict == "ok":
-            breaker.record_success(now)
+            breaker.record_success(now, probe)
         elif outcome.verdict == "fail":
-            breaker.record_failure(now, outcome.open_for, outcome.cost_s)
-        elif grant.probe:
-            breaker.release_probe()         # a probe that ended without a verdict frees its slot
+            breaker.record_failure(now, outcome.open_for, outcome.cost_s, probe)
+        else:
+            breaker.release_probe(probe)    # a probe that ended without a verdict frees its slot
         return done(breaker.state)
 
     async def view(self, breakers: Iterable[str], buckets: Mapping[str, int]) -> StateView:

@@ -59,7 +59,7 @@ class Grant:
     deployment_id: str
     probe: bool                         # it holds a half-open probe slot
     token_buckets: tuple[BucketSpec, ...]
-    epoch: int = 0                      # the breaker epoch a probe slot belongs to (Redis)
+    epoch: int = 0                      # the breaker epoch a probe slot belongs to
     owner: object | None = None         # the backend that granted it (failover routes the settle)
 
 

@@ -71,9 +71,7 @@ for i = 1, n do
     else
       local admitted, probe = true, false
       if b.state ~= 'closed' then
-        if b.state == 'open' then
-          b.state, b.probing = 'half_open', 0
-        end
+        b.state = 'half_open'                             -- probes still out keep their slots
         if b.probing > 0 and now >= b.probe_until then     -- their instance never settled them
           b.probing, b.epoch = 0, b.epoch + 1
         end

@@ -41,11 +41,11 @@ if verdict == '' and trip_for == nil and hold_for == nil and not probe then retu
 local b = breaker_load(KEYS[1])
 local dirty = false
 
+-- Probes still out keep their slots: only their own settle (or the lease) frees one.
 local function trip(duration)
-  if b.state ~= 'open' then b.opened_at, b.epoch = now, b.epoch + 1 end
+  if b.state ~= 'open' then b.opened_at = now end
   b.state = 'open'
   b.open_until = math.max(b.open_until, now + math.min(duration, max_open))
-  b.probing = 0
   dirty = true
 end
 
@@ -74,6 +74,12 @@ local function ratio_exceeded()
   return calls >= min_calls and failures / calls >= ratio
 end
 
+-- A probe of this epoch frees its slot, whatever its verdict (a close starts a new epoch).
+local own_probe = probe and b.epoch == epoch
+if own_probe and b.probing > 0 then
+  b.probing = b.probing - 1
+  dirty = true
+end
 if trip_for ~= nil then trip(trip_for) end
 if hold_for ~= nil then
   b.held_until = math.max(b.held_until, now + math.min(hold_for, max_open))
@@ -81,23 +87,24 @@ if hold_for ~= nil then
 end
 if verdict == 'ok' then
   remember_outcome(1)
-  if b.streak ~= 0 or b.state ~= 'closed' then
-    b.streak, b.state, b.failed_probes, b.probing = 0, 'closed', 0, 0
+  if b.state ~= 'closed' then
+    b.state, b.failed_probes, b.probing, b.epoch = 'closed', 0, 0, b.epoch + 1
+    dirty = true
+  end
+  if b.streak ~= 0 then
+    b.streak = 0
     dirty = true
   end
 elseif verdict == 'fail' then
   remember_outcome(0)
   b.streak = b.streak + 1
   dirty = true
-  if b.state == 'half_open' then
+  if b.state == 'half_open' and own_probe then
     b.failed_probes = b.failed_probes + 1
     trip(open_for or interval(b.failed_probes))
   elseif b.streak >= consecutive or ratio_exceeded() then
     trip(open_for or interval(b.failed_probes))
   end
-elseif probe and b.probing > 0 and b.epoch == epoch then
-  b.probing = b.probing - 1                                 -- a probe that ended without a verdict
-  dirty = true
 end
 if dirty then breaker_store(KEYS[1], b, now) end
 return b.state
