@@ -19,7 +19,7 @@ import pytest
 from proxy.simulator import canonical_text
 from proxy.sse import SSEParser
 
-from .conftest import Fleet, MakeGateway, RunningGateway, model_entry
+from .conftest import FAST_TIMEOUTS, Fleet, MakeGateway, RunningGateway, model_entry
 from .decision_log_support import settled_records
 
 PROTOCOLS = ("anthropic", "openai", "gemini")
@@ -169,6 +169,30 @@ async def test_count_tokens(client: Client, make_gateway: MakeGateway, protocol:
         assert counted.headers["X-Token-Count-Source"] == "provider"
         served = await api.messages.create(model="m0", max_tokens=8, system="Be brief.", messages=ask)
         assert tokens == served.usage.input_tokens
+
+
+async def test_a_providers_query_goes_on_every_url_native_translated_and_counted(
+        client: Client, make_gateway: MakeGateway, fleet: Fleet) -> None:
+    """`query:` in providers.yaml is added to every URL (an `api-version`, say): also to a
+    Messages client's own bytes sent to Anthropic, and to both protocols' token counts."""
+    providers = {f"sim-{api}": {"api": api, "base_url": fleet.url(api), "api_key_env": "SIM_PROVIDER_KEY",
+                                "timeouts": FAST_TIMEOUTS, "query": {"api-version": "2025-01-01"}}
+                 for api in ("anthropic", "gemini")}
+    gw = await make_gateway({"claude": model_entry("q-claude-n3", "sim-anthropic"),
+                             "gem": model_entry("q-gem-n3", "sim-gemini")},
+                            {"chains": {"main": ["claude"]}, "default": "main"}, providers=providers)
+    api = client(gw)
+    for model in ("claude", "gem"):
+        await api.messages.create(model=model, max_tokens=8, messages=ASK)        # native to Claude
+        counted = await api.messages.with_raw_response.count_tokens(model=model, messages=ASK)
+        assert counted.headers["X-Token-Count-Source"] == "provider"
+    async with aiohttp.ClientSession() as session, session.post(        # chat, translated to Anthropic
+            gw.base + "/chat/completions", json={"model": "claude", "messages": ASK}) as response:
+        assert response.status == 200
+    seen = [(s.path.rsplit("/", 1)[-1], s.query) for s in fleet.sim.seen]
+    assert seen == [("messages", "api-version=2025-01-01"), ("count_tokens", "api-version=2025-01-01"),
+                    ("q-gem-n3:generateContent", "api-version=2025-01-01"),
+                    ("q-gem-n3:countTokens", "api-version=2025-01-01"), ("messages", "api-version=2025-01-01")]
 
 
 # ---------------------------------------------------------------------------- done-when 2: bytes

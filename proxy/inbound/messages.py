@@ -16,11 +16,11 @@ reason). Query strings (Claude Code's `?beta=true`) are accepted and not forward
 features are switched on by the `anthropic-beta` header, which is.
 
 count_tokens is routed like a message (so `auto`, chains and aliases name the same model)
-and answered by the first candidate's first deployment when its protocol can count:
-Anthropic's `/v1/messages/count_tokens`, Gemini's `:countTokens`. Otherwise, or when that
-call fails, the gateway's own estimate (system prompt, messages and tools, at the router's
-4 characters a token) answers, and `X-Token-Count-Source: estimate` says so (`provider`
-when the provider counted). No tokens are billed for counting.
+and answered by the first candidate's first deployment when its protocol can count (its
+adapter's `build_count`: Anthropic's `/v1/messages/count_tokens`, Gemini's `:countTokens`).
+Otherwise, or when that call fails, the gateway's own estimate (system prompt, messages and
+tools, at the router's 4 characters a token) answers, and `X-Token-Count-Source: estimate`
+says so (`provider` when the provider counted). No tokens are billed for counting.
 """
 
 from __future__ import annotations
@@ -28,28 +28,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
-import orjson
 from aiohttp import web
 
 from ..config import Deployment, GatewayKey
 from ..decisions import AttemptRecord, Decision
 from ..errors import GatewayError, UpstreamFailure, redact
 from ..gateway import Gateway
-from ..providers import UpstreamRequest, json_event
-from ..providers.anthropic import AnthropicAdapter
-from ..providers.gemini import request_payload as gemini_payload
+from ..providers import CountingAdapter, UpstreamRequest, json_event
 from ..server.edge import GATEWAY, decode_json, error_response, json_response, request_id, send_now
 from ..streaming import ClientGone
 from ..transport import classify, failure_from_exception, read_error_body
 from .lifecycle import Call, serve
 from .messages_answer import MessagesEncoder, error_body
-
-__all__ = ["count_tokens", "error_body", "messages"]
 from .messages_request import check, to_chat
 from .routing import answer_headers, authenticate_and_read, decide
+
+__all__ = ["count_tokens", "error_body", "messages"]
 
 FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 COUNT_SOURCE = "X-Token-Count-Source"
@@ -127,20 +124,10 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
 def _count_request(adapter: Any, deployment: Deployment, raw: bytes, chat: dict[str, Any],
                    headers: Mapping[str, str]) -> UpstreamRequest | None:
     """The provider's own counting request, or None where its protocol has none (OpenAI chat)."""
-    provider = deployment.provider
-    if isinstance(adapter, AnthropicAdapter):
-        forward = {name: headers[name] for name in FORWARDED_HEADERS if headers.get(name)}
-        return adapter.build_native(deployment, raw, False, forward, "/messages/count_tokens")
-    if provider.api == "gemini":
-        payload = gemini_payload(chat)
-        payload.pop("generationConfig", None)
-        payload["model"] = f"models/{deployment.upstream_model}"
-        sent = {"Content-Type": "application/json", **provider.headers}
-        if provider.api_key:
-            sent[provider.auth_header or "x-goog-api-key"] = provider.api_key
-        url = f"{provider.base_url}/models/{deployment.upstream_model}:countTokens"
-        return UpstreamRequest(url, sent, orjson.dumps({"generateContentRequest": payload}))
-    return None
+    if not hasattr(adapter, "build_count"):
+        return None
+    forward = {name: headers[name] for name in FORWARDED_HEADERS if headers.get(name)}
+    return cast(CountingAdapter, adapter).build_count(deployment, raw, chat, forward)
 
 
 async def _provider_count(gateway: Gateway, deployment: Deployment, raw: bytes, chat: dict[str, Any],

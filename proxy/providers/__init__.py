@@ -92,6 +92,16 @@ class NativeAdapter(Protocol):
         ...
 
 
+class CountingAdapter(Protocol):
+    """An adapter whose protocol counts a request's input tokens (Messages' count_tokens)."""
+
+    def build_count(self, deployment: Deployment, native_body: bytes, body: Mapping[str, Any],
+                    headers: Mapping[str, str]) -> UpstreamRequest:
+        """The counting request for a Messages client's bytes (`native_body`, sent as they are
+        by the protocol they belong to, with its `headers`) or their chat translation (`body`)."""
+        ...
+
+
 def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds from `retry-after-ms`, or `Retry-After` as seconds or an HTTP date."""
     ms = headers.get("retry-after-ms")

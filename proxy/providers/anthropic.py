@@ -25,14 +25,16 @@ must not run into `first_token_s`.
 Native (`build_native`): a Messages client's own body goes up with only `model` replaced
 in its bytes (`proxy.rawjson`), so signed thinking blocks and `cache_control` arrive as
 sent; its answer is read by the same `parse` and stream translator, for usage and the
-commit point, while the client gets the upstream's own bytes (`proxy.encoding`).
-Pure: never opens a socket.
+commit point, while the client gets the upstream's own bytes (`proxy.encoding`); the same
+bytes go to `/messages/count_tokens` for Messages' count (`build_count`). Every URL carries
+the provider's `query`. Pure: never opens a socket.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import orjson
 
@@ -310,12 +312,17 @@ class AnthropicStream(TranslatedStream):
         return ()                                       # ping, content_block_stop, future events
 
 
+def _url(deployment: Deployment, path: str) -> str:
+    provider = deployment.provider
+    url = f"{provider.base_url}{path}"
+    return url + "?" + urlencode(provider.query) if provider.query else url
+
+
 class AnthropicAdapter:
     def build(self, deployment: Deployment, body: Mapping[str, Any], stream: bool,
               prefill: str | None = None) -> UpstreamRequest:
         payload = request_payload(deployment, body, stream, prefill)
-        return UpstreamRequest(f"{deployment.provider.base_url}/messages", self._headers(deployment, {}),
-                               orjson.dumps(payload))
+        return UpstreamRequest(_url(deployment, "/messages"), self._headers(deployment, {}), orjson.dumps(payload))
 
     def build_native(self, deployment: Deployment, body: bytes, stream: bool,
                      headers: Mapping[str, str], path: str = "/messages") -> UpstreamRequest:
@@ -323,8 +330,12 @@ class AnthropicAdapter:
         blocks and cache_control stay as sent); `headers` (`anthropic-version`,
         `anthropic-beta`) override the defaults. `path` `/messages/count_tokens` counts."""
         raw = replace_string(body, "model", deployment.upstream_model)
-        return UpstreamRequest(f"{deployment.provider.base_url}{path}", self._headers(deployment, headers), raw,
-                               native=True)
+        return UpstreamRequest(_url(deployment, path), self._headers(deployment, headers), raw, native=True)
+
+    def build_count(self, deployment: Deployment, native_body: bytes, body: Mapping[str, Any],
+                    headers: Mapping[str, str]) -> UpstreamRequest:
+        """Anthropic's own count of a Messages client's body (`/messages/count_tokens`)."""
+        return self.build_native(deployment, native_body, False, headers, "/messages/count_tokens")
 
     @staticmethod
     def _headers(deployment: Deployment, client: Mapping[str, str]) -> dict[str, str]:

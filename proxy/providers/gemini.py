@@ -14,7 +14,8 @@ Response: Gemini sends a function call whole, so it becomes a tool-call chunk wi
 generated id followed by one arguments chunk. Safety blocks (a blocking finishReason or
 `promptFeedback.blockReason`) finish with `content_filter`. `promptTokenCount` includes
 cached tokens and `candidatesTokenCount` excludes thinking, so Usage subtracts the
-first and adds the second. Pure: never opens a socket.
+first and adds the second. `build_count` asks `countTokens` (Messages' count_tokens).
+Pure: never opens a socket.
 """
 
 from __future__ import annotations
@@ -301,16 +302,19 @@ class GeminiStream(TranslatedStream):
 class GeminiAdapter:
     def build(self, deployment: Deployment, body: Mapping[str, Any], stream: bool,
               prefill: str | None = None) -> UpstreamRequest:
-        provider = deployment.provider
-        headers = {"Content-Type": "application/json", **provider.headers}
-        if provider.api_key:
-            headers[provider.auth_header or "x-goog-api-key"] = provider.api_key
         method = "streamGenerateContent" if stream else "generateContent"
-        query = {"alt": "sse", **provider.query} if stream else dict(provider.query)
-        url = f"{provider.base_url}/models/{deployment.upstream_model}:{method}"
-        if query:
-            url += "?" + urlencode(query)
-        return UpstreamRequest(url, headers, orjson.dumps(request_payload(body, prefill)))
+        return UpstreamRequest(_url(deployment, method, {"alt": "sse"} if stream else {}), _headers(deployment),
+                               orjson.dumps(request_payload(body, prefill)))
+
+    def build_count(self, deployment: Deployment, native_body: bytes, body: Mapping[str, Any],
+                    headers: Mapping[str, str]) -> UpstreamRequest:
+        """`countTokens` for what `generateContent` would be sent for `body` (generation
+        settings aside: the endpoint refuses them)."""
+        payload = request_payload(body)
+        payload.pop("generationConfig", None)
+        payload["model"] = f"models/{deployment.upstream_model}"
+        return UpstreamRequest(_url(deployment, "countTokens", {}), _headers(deployment),
+                               orjson.dumps({"generateContentRequest": payload}))
 
     def parse(self, payload: bytes, deployment: Deployment) -> tuple[bytes, Usage | None]:
         try:
@@ -338,3 +342,18 @@ class GeminiAdapter:
     def classify(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamFailure:
         return classify_error(error_in_body(status, body), status, in_stream=False,
                               retry_after=retry_after_s(headers))
+
+
+def _url(deployment: Deployment, method: str, query: Mapping[str, str]) -> str:
+    provider = deployment.provider
+    url = f"{provider.base_url}/models/{deployment.upstream_model}:{method}"
+    merged = {**query, **provider.query}
+    return url + "?" + urlencode(merged) if merged else url
+
+
+def _headers(deployment: Deployment) -> dict[str, str]:
+    provider = deployment.provider
+    headers = {"Content-Type": "application/json", **provider.headers}
+    if provider.api_key:
+        headers[provider.auth_header or "x-goog-api-key"] = provider.api_key
+    return headers

@@ -237,6 +237,7 @@ class Seen:
     completed: bool = False
     raw: bytes = b""                    # the request body's bytes as they arrived
     answer: bytearray = field(default_factory=bytearray)   # every byte of a 200 answer, as written
+    query: str = ""                     # the URL's query string
 
 
 class Simulator:
@@ -287,7 +288,7 @@ class Simulator:
         ask = self.wires[protocol].read(request, readable)
         if self.record:
             self.seen.append(Seen(protocol, ask.model, request.path, payload, dict(request.headers.items()),
-                                  time.monotonic(), False, completed=True))
+                                  time.monotonic(), False, completed=True, query=request.query_string))
         return web.json_response({field_name: max(1, len(ask.prompt_text) // 4)})
 
     async def _set_fault(self, request: web.Request) -> web.Response:
@@ -313,7 +314,8 @@ class Simulator:
         payload = orjson.loads(raw)
         ask = wire.read(request, payload)
         seen = Seen(protocol, ask.model, request.path, payload,
-                    {k: v for k, v in request.headers.items()}, time.monotonic(), ask.stream, raw=raw)
+                    {k: v for k, v in request.headers.items()}, time.monotonic(), ask.stream, raw=raw,
+                    query=request.query_string)
         if self.record:
             self.seen.append(seen)
         name = ask.model + ("-" + self.faults[ask.model] if ask.model in self.faults else "")
