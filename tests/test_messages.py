@@ -195,6 +195,25 @@ async def test_a_providers_query_goes_on_every_url_native_translated_and_counted
                     ("q-gem-n3:countTokens", "api-version=2025-01-01"), ("messages", "api-version=2025-01-01")]
 
 
+async def test_a_refused_count_costs_the_key_nothing(make_gateway: MakeGateway,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on every other path, a key's rpm pays only for requests it may make: a count the key
+    is not allowed (403) or that is malformed (400) leaves its one request a minute."""
+    monkeypatch.setenv("COUNT_KEY", KEY)
+    gw = await make_gateway({"gpt": model_entry("c-n3"), "claude": model_entry("c-n3", "sim-anthropic")}, {
+        "chains": {"main": ["gpt"]}, "default": "main",
+        "keys": [{"name": "counter", "key_env": "COUNT_KEY", "tier": "standard", "allow": ["gpt"], "rpm": 1}]})
+    api = anthropic.AsyncAnthropic(base_url=gw.url, api_key=KEY, max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError):
+        await api.messages.count_tokens(model="claude", messages=ASK)       # type: ignore[arg-type]
+    with pytest.raises(anthropic.BadRequestError):
+        await api.messages.count_tokens(model="gpt", messages=[])
+    assert (await api.messages.count_tokens(model="gpt", messages=ASK)).input_tokens > 0    # type: ignore[arg-type]
+    with pytest.raises(anthropic.RateLimitError):                           # the one was spent there
+        await api.messages.count_tokens(model="gpt", messages=ASK)          # type: ignore[arg-type]
+    await api.close()
+
+
 # ---------------------------------------------------------------------------- done-when 2: bytes
 
 

@@ -97,9 +97,11 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     decision = Decision(request_id(request), gateway.clock(), api="messages.count_tokens")
     try:
         key, raw = await authenticate_and_read(request, snapshot, decision, authorization(request.headers))
-        await gateway.admit_key(key)        # no deployment is admitted for a count: the key's rpm alone
         translated = to_chat(check(decode_json(raw), count_only=True))
         signals, plan = decide(snapshot, key, request.headers, translated.body, decision)
+        # No deployment is admitted for a count: the key's rpm alone, and only for a request it may
+        # make (a refused one costs the key nothing, as on every other path).
+        await gateway.admit_key(key)
         estimate = signals.input_tokens + translated.extra_tokens
         candidate = plan.candidates[0]
         deployment = candidate.deployments[0]
