@@ -89,6 +89,20 @@ async def test_message_start_carries_an_input_count_on_every_protocol(client: Cl
     assert start.message.usage.input_tokens > 0
 
 
+async def test_an_upstream_without_usage_gives_the_billed_estimate_plain_or_streamed(
+        client: Client, make_gateway: MakeGateway) -> None:
+    """An OpenAI-compatible vendor that reports no usage: a plain answer carries the same
+    estimate as a stream's `message_delta` (what the decision record bills), not zeros."""
+    gw = await gateway(make_gateway, "openai", "quiet-n8-nousage")
+    api = client(gw)
+    plain = await api.messages.create(model="m0", max_tokens=64, messages=ASK)
+    async with api.messages.stream(model="m0", max_tokens=64, messages=ASK) as stream:
+        final = await stream.get_final_message()
+    assert plain.content[0].text == final.content[0].text == "".join(canonical_text(8))     # type: ignore[union-attr]
+    assert plain.usage.input_tokens == final.usage.input_tokens > 0
+    assert plain.usage.output_tokens == final.usage.output_tokens == (len(plain.content[0].text) + 3) // 4  # type: ignore[union-attr]
+
+
 async def test_a_tool_turn_streams_input_json_and_the_result_gets_text(client: Client, make_gateway: MakeGateway,
                                                                        protocol: str) -> None:
     gw = await gateway(make_gateway, protocol, "tools")

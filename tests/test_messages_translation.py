@@ -142,11 +142,11 @@ def completion(message: dict[str, Any], finish: str, usage: dict[str, Any] | Non
 
 
 def test_message_from_completion_is_a_valid_message() -> None:
-    raw, model = message_from_completion(completion({"content": "Hi.", "tool_calls": [
+    raw = message_from_completion(completion({"content": "Hi.", "tool_calls": [
         {"id": "call_9", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}]},
-        "tool_calls"))
+        "tool_calls"), 99)
     message = Message.model_validate_json(raw)
-    assert model == "gpt-x" and message.model == "gpt-x" and message.id.startswith("msg_")
+    assert message.model == "gpt-x" and message.id.startswith("msg_")
     assert message.stop_reason == "tool_use"
     assert [b.type for b in message.content] == ["text", "tool_use"]
     assert message.content[1].id == "toolu_9" and message.content[1].input == {"city": "Rome"}  # type: ignore[union-attr]
@@ -157,7 +157,7 @@ def test_message_from_completion_is_a_valid_message() -> None:
 @pytest.mark.parametrize("finish, stop", [("stop", "end_turn"), ("length", "max_tokens"),
                                           ("content_filter", "refusal")])
 def test_stop_reasons(finish: str, stop: str) -> None:
-    raw, _ = message_from_completion(completion({"content": "x"}, finish))
+    raw = message_from_completion(completion({"content": "x"}, finish), 1)
     assert Message.model_validate_json(raw).stop_reason == stop
 
 

@@ -67,8 +67,9 @@ def _tool_input(arguments: Any) -> Any:
     return value if isinstance(value, dict) else {}
 
 
-def message_from_completion(payload: bytes) -> tuple[bytes, str]:
-    """A chat completion (an adapter's output) -> (a Messages `message`, its model)."""
+def message_from_completion(payload: bytes, input_estimate: int) -> bytes:
+    """A chat completion (an adapter's output) -> a Messages `message`. Without the upstream's
+    usage, the estimate the decision record bills (as a stream's `message_delta` gives it)."""
     completion = orjson.loads(payload)
     choice = (completion.get("choices") or [{}])[0]
     message = choice.get("message") or {}
@@ -80,11 +81,15 @@ def message_from_completion(payload: bytes) -> tuple[bytes, str]:
         function = call.get("function") or {}
         content.append({"type": "tool_use", "id": tool_use_id(call.get("id")), "name": function.get("name") or "",
                         "input": _tool_input(function.get("arguments"))})
-    model = str(completion.get("model") or "")
     stop = STOP_REASON.get(choice.get("finish_reason") or "stop", "end_turn")
-    answer = {"id": message_id(), "type": "message", "role": "assistant", "model": model, "content": content,
-              "stop_reason": stop, "stop_sequence": None, "usage": usage_json(parse_usage(completion.get("usage")))}
-    return orjson.dumps(answer), model
+    usage = parse_usage(completion.get("usage"))
+    if usage is None:
+        chars = len(text or "") + sum(len((c.get("function") or {}).get("arguments") or "")
+                                      for c in message.get("tool_calls") or [])
+        usage = Usage(input_tokens=input_estimate, output_tokens=(chars + 3) >> 2)
+    answer = {"id": message_id(), "type": "message", "role": "assistant", "model": str(completion.get("model") or ""),
+              "content": content, "stop_reason": stop, "stop_sequence": None, "usage": usage_json(usage)}
+    return orjson.dumps(answer)
 
 
 class MessagesEncoder:
@@ -159,7 +164,7 @@ class MessagesEncoder:
         return named_frame("error", orjson.dumps({"type": "error", "error": {"type": kind, "message": message}}))
 
     async def answer(self, body: bytes, native: bool) -> bytes:
-        return body if native else message_from_completion(body)[0]
+        return body if native else message_from_completion(body, self._input_estimate)
 
     # ------------------------------------------------------------------ blocks
 
