@@ -25,7 +25,8 @@ TIMEOUTS = {"connect_s": 1, "first_token_s": 10, "idle_s": 10, "total_s": 60}
 async def served(fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                  ) -> AsyncIterator[tuple[web.AppRunner, str]]:
     monkeypatch.setenv("SIM_PROVIDER_KEY", "sk-sim")
-    models = {"slowstart": model_entry("slowstart-ttft3000-n2"), "quick": model_entry("quick-n3-gap50")}
+    models = {"slowstart": model_entry("slowstart-ttft3000-n2"), "quick": model_entry("quick-n3-gap50"),
+              "slowcount": model_entry("slowcount-ttft3000", "sim-anthropic")}
     p, r = write_config(tmp_path, fleet, models, {"chains": {"main": ["quick"]}, "default": "main"},
                         timeouts=TIMEOUTS)
     app = create_app(config_module.load(p, r))
@@ -65,6 +66,27 @@ async def test_a_request_not_yet_answering_at_the_deadline_gets_503(served: tupl
         body = orjson.loads(await resp.read())
     assert resp.status == 503 and resp.headers["Retry-After"] == "1"
     assert body["error"]["code"] == "shutting_down"
+    assert not gateway.in_flight
+
+
+async def test_a_token_count_still_waiting_at_the_deadline_gets_503_in_anthropics_shape(
+        served: tuple[web.AppRunner, str]) -> None:
+    """count_tokens waits on the provider's count like any model request: the drain waits for
+    it too, and answers it at the deadline rather than closing its connection."""
+    runner, url = served
+    gateway = runner.app[GATEWAY]
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.create_task(session.post(url + "/v1/messages/count_tokens", json={
+            "model": "slowcount", "messages": [{"role": "user", "content": "x"}]}))
+        async with asyncio.timeout(5):
+            while not gateway.in_flight:
+                await asyncio.sleep(0.01)
+        await drain(gateway, runner, 0.3)
+        async with asyncio.timeout(5):
+            resp = await request
+        body = orjson.loads(await resp.read())
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert body["type"] == "error" and body["error"]["type"] == "overloaded_error"
     assert not gateway.in_flight
 
 

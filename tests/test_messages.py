@@ -228,6 +228,20 @@ async def test_a_refused_count_costs_the_key_nothing(make_gateway: MakeGateway,
     await api.close()
 
 
+async def test_a_client_that_leaves_a_count_is_recorded_as_gone(make_gateway: MakeGateway, tmp_path: Path) -> None:
+    """Every request leaves one true record: a count the client gave up on while the provider
+    was counting is `client_disconnected`, not `ok`."""
+    gw = await make_gateway({"claude": model_entry("count-ttft2000", "sim-anthropic")},
+                            {"chains": {"main": ["claude"]}, "default": "main",
+                             "server": {"decision_log": str(tmp_path / "decisions.jsonl")}})
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as session:
+        with pytest.raises(TimeoutError):
+            await session.post(gw.url + "/v1/messages/count_tokens", json={"model": "claude", "messages": ASK})
+    [record] = await settled_records(gw.gateway, tmp_path / "decisions.jsonl", 1)
+    assert (record["api"], record["outcome"], record["status"]) == ("messages.count_tokens", "client_disconnected",
+                                                                    499)
+
+
 # ---------------------------------------------------------------------------- done-when 2: bytes
 
 

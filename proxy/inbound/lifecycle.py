@@ -144,8 +144,7 @@ async def serve(request: web.Request, surface: Surface) -> web.StreamResponse:
                 await writer.finish()
             return writer.response
         log.exception("unhandled error", extra={"request_id": decision.request_id})
-        internal = GatewayError(500, "internal gateway error", "server_error", "internal_error",
-                                outcome="internal_error")
+        internal = internal_error()
         decision.outcome, decision.status, decision.error = internal.outcome, internal.status, internal.message
         return error_response(internal, answer_headers(decision), surface.error_body(internal))
     finally:
@@ -167,13 +166,11 @@ async def _cut_off(surface: Surface, writer: SSEWriter | None, encoder: Encoder 
                    ) -> web.StreamResponse:
     """The drain deadline passed with this request still running: end it honestly, a stream
     with the surface's error event (never a silent close), anything else with a 503."""
-    err = GatewayError(503, "the gateway is shutting down and its drain deadline passed; retry the request",
-                       "server_error", "shutting_down", outcome="shutdown")
+    err = shutting_down()
     decision.error = err.message
     if writer is None or writer.response is None or not writer.response.prepared or encoder is None:
         decision.outcome, decision.status = err.outcome, err.status
-        return error_response(err, {**answer_headers(decision), "Retry-After": "1", "Connection": "close"},
-                              surface.error_body(err))
+        return error_response(err, answer_headers(decision), surface.error_body(err))
     decision.outcome = "stream_error"
     try:
         await writer.write(encoder.error(err.message, err.type, err.code))
@@ -181,6 +178,18 @@ async def _cut_off(surface: Surface, writer: SSEWriter | None, encoder: Encoder 
     except ClientGone:
         decision.outcome = "client_disconnected"
     return writer.response
+
+
+def internal_error() -> GatewayError:
+    """A failure of the gateway's own code: a 500 that says nothing of it (the log has it)."""
+    return GatewayError(500, "internal gateway error", "server_error", "internal_error", outcome="internal_error")
+
+
+def shutting_down() -> GatewayError:
+    """The answer to a request the drain deadline cut off before it began answering."""
+    return GatewayError(503, "the gateway is shutting down and its drain deadline passed; retry the request",
+                        "server_error", "shutting_down", headers={"Retry-After": "1", "Connection": "close"},
+                        outcome="shutdown")
 
 
 def _client_left(decision: Decision, writer: SSEWriter | None) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -34,20 +35,21 @@ import aiohttp
 from aiohttp import web
 
 from ..config import Deployment, GatewayKey
-from ..decisions import AttemptRecord, Decision
+from ..decisions import CLIENT_DISCONNECTED, AttemptRecord, Decision
 from ..errors import GatewayError, UpstreamFailure, redact
 from ..gateway import Gateway
 from ..providers import CountingAdapter, UpstreamRequest, json_event
-from ..server.edge import GATEWAY, decode_json, error_response, json_response, request_id, send_now
+from ..server.edge import CLIENT_CLOSED, GATEWAY, decode_json, error_response, json_response, request_id, send_now
 from ..streaming import ClientGone
 from ..transport import classify, failure_from_exception, read_error_body
-from .lifecycle import Call, serve
+from .lifecycle import Call, internal_error, serve, shutting_down
 from .messages_answer import MessagesEncoder, error_body
 from .messages_request import check, to_chat
 from .routing import answer_headers, authenticate_and_read, decide
 
 __all__ = ["count_tokens", "error_body", "messages"]
 
+log = logging.getLogger("proxy.inbound.messages")
 FORWARDED_HEADERS = ("anthropic-version", "anthropic-beta")
 COUNT_SOURCE = "X-Token-Count-Source"
 
@@ -95,6 +97,9 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     snapshot = gateway.snapshot
     decision = Decision(request_id(request), gateway.clock(), api="messages.count_tokens")
+    task = asyncio.current_task()
+    assert task is not None
+    gateway.in_flight.add(task)             # the drain waits for it (and cuts it off) like any request
     try:
         key, raw = await authenticate_and_read(request, snapshot, decision, authorization(request.headers))
         translated = to_chat(check(decode_json(raw), count_only=True))
@@ -111,16 +116,30 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
         answer = json_response({"input_tokens": estimate if counted is None else counted}, headers=headers)
         return await send_now(request, answer)
     except GatewayError as err:
-        decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
-        response = error_response(err, answer_headers(decision), error_body(err.status, err.message))
-        with contextlib.suppress(ClientGone):
-            await send_now(request, response)
-        return response
+        return await _refuse(request, decision, err)
     except ClientGone:
-        decision.outcome, decision.status = "client_disconnected", 499
-        return web.Response(status=499)
+        decision.outcome, decision.status = CLIENT_DISCONNECTED, CLIENT_CLOSED
+        return web.Response(status=CLIENT_CLOSED)
+    except asyncio.CancelledError:
+        if not gateway.cut_off:             # the client left
+            decision.outcome, decision.status = CLIENT_DISCONNECTED, CLIENT_CLOSED
+            raise
+        task.uncancel()                     # our own drain deadline, not the client: answer it
+        return await _refuse(request, decision, shutting_down())
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": decision.request_id})
+        return await _refuse(request, decision, internal_error())
     finally:
+        gateway.in_flight.discard(task)
         gateway.finish(decision)
+
+
+async def _refuse(request: web.Request, decision: Decision, err: GatewayError) -> web.Response:
+    decision.outcome, decision.status, decision.error = err.outcome, err.status, err.message
+    response = error_response(err, answer_headers(decision), error_body(err.status, err.message))
+    with contextlib.suppress(ClientGone):
+        await send_now(request, response)
+    return response
 
 
 def _count_request(adapter: Any, deployment: Deployment, raw: bytes, chat: dict[str, Any],

@@ -28,7 +28,7 @@ A 401 echoes the credential it was sent in its message, as some providers do, so
 can prove the gateway never passes a provider key on.
 
 Counting: Anthropic's `/v1/messages/count_tokens` and Gemini's `:countTokens` answer the
-prompt tokens the model's usage would report for the same request.
+prompt tokens the model's usage would report for the same request, after its `ttft` delay.
 
 A fault can also be set at run time with POST /_sim/faults {"model": m, "fault": f}
 (`"fault": null` clears it), which the breaker sequence test and `llm-proxy chaos` use.
@@ -275,20 +275,22 @@ class Simulator:
         if request.match_info["target"].endswith(":countTokens"):
             payload = orjson.loads(await request.read())
             inner = payload.get("generateContentRequest") or payload
-            return self._count("gemini", request, payload, inner, "totalTokens")
+            return await self._count("gemini", request, payload, inner, "totalTokens")
         return await self._serve("gemini", request)
 
     async def _anthropic_count(self, request: web.Request) -> web.Response:
         payload = orjson.loads(await request.read())
-        return self._count("anthropic", request, payload, {**payload, "max_tokens": 1}, "input_tokens")
+        return await self._count("anthropic", request, payload, {**payload, "max_tokens": 1}, "input_tokens")
 
-    def _count(self, protocol: str, request: web.Request, payload: dict[str, Any], readable: dict[str, Any],
+    async def _count(self, protocol: str, request: web.Request, payload: dict[str, Any], readable: dict[str, Any],
                field_name: str) -> web.Response:
-        """A provider's token count: the prompt tokens its answer's usage would report."""
+        """A provider's token count: the prompt tokens its answer's usage would report, after
+        the model's first-token delay."""
         ask = self.wires[protocol].read(request, readable)
         if self.record:
             self.seen.append(Seen(protocol, ask.model, request.path, payload, dict(request.headers.items()),
                                   time.monotonic(), False, completed=True, query=request.query_string))
+        await asyncio.sleep(parse_behaviour(ask.model, self.default).ttft_s)
         return web.json_response({field_name: max(1, len(ask.prompt_text) // 4)})
 
     async def _set_fault(self, request: web.Request) -> web.Response:
