@@ -58,6 +58,18 @@ def test_unit_fits_this_install(tmp_path: Path) -> None:
     assert unit["CapabilityBoundingSet"] == [""]             # a high port needs no capability
 
 
+def test_the_units_python_path_finds_this_checkout(tmp_path: Path) -> None:
+    """A checkout run without installing it: the unit's PYTHONPATH alone (no site-packages,
+    another working directory) must let its interpreter import this very package."""
+    unit = _settings(_unit(tmp_path))
+    environment = dict(value.split("=", 1) for value in unit["Environment"])
+    python = unit["ExecStart"][0].split()[0]
+    done = subprocess.run([python, "-S", "-c", "import proxy; print(proxy.__file__)"], cwd=tmp_path,
+                          env={"PYTHONPATH": environment["PYTHONPATH"]}, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == ROOT / "proxy" / "__init__.py"
+
+
 def test_decision_log_directory_stays_writable(tmp_path: Path) -> None:
     logs = tmp_path / "log"
     logs.mkdir()

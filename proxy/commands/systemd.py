@@ -41,7 +41,7 @@ def render(config: Config, *, host: str, port: int, workers: int, user: str, env
     routes = Path(config.routes_path).resolve()
     command = [sys.executable, "-m", "proxy", "serve", "--providers", str(providers), "--routes", str(routes),
                "--host", host, "--port", str(port), "--workers", str(workers)]
-    package_root = Path(__file__).resolve().parent.parent          # `-m proxy` must find this checkout
+    package_root = Path(__file__).resolve().parents[2]             # the folder holding proxy/: `-m proxy` finds it
     read_paths = sorted({str(p) for p in (providers.parent, routes.parent, package_root, Path(sys.prefix).resolve())})
     write_paths = []
     destination = config.server.decision_log
