@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 import orjson
 import pytest
 
 from .conftest import Fleet, MakeGateway, RunningGateway, model_entry
+from .decision_log_support import settled_records
 
 APP = "https://chat.example.com"
 BODY = {"model": "auto", "stream": True, "messages": [{"role": "user", "content": "hello"}]}
@@ -86,6 +89,36 @@ async def test_a_rebinding_domain_cannot_reach_a_gateway_without_keys(browser_ga
             async with session.get(browser_gateway.base + "/models", headers={"Host": host}) as resp:
                 assert resp.status == 200, host
     assert fleet.sim.requests_for("fast-n4-gap20") == []
+
+
+async def test_each_refused_browser_request_leaves_its_record_in_its_apis_shape(
+        make_gateway: MakeGateway, fleet: Fleet, tmp_path: Path) -> None:
+    """The guard's 403 is a refusal like a 401: one decision record, the API's own error shape."""
+    log = tmp_path / "decisions.jsonl"
+    gw = await make_gateway({"fast": model_entry("fast-n2")},
+                            {"chains": {"main": ["fast"]}, "default": "main", "server": {"decision_log": str(log)}})
+    cross_site = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    rebinding = {"Host": "evil.example:8080"}
+    messages = {"model": "fast", "max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    cases = [("/chat/completions", BODY, cross_site, "chat", "cors_origin_not_allowed"),
+             ("/messages", messages, rebinding, "messages", "host_not_allowed"),
+             ("/messages/count_tokens", messages, cross_site, "messages.count_tokens", "cors_origin_not_allowed"),
+             ("/responses", {"model": "fast", "input": "hi"}, rebinding, "responses", "host_not_allowed")]
+    seen = {}
+    async with aiohttp.ClientSession() as session:
+        for path, body, headers, api, code in cases:
+            async with session.post(gw.base + path, data=orjson.dumps(body), headers=headers) as resp:
+                assert resp.status == 403, path
+                answer = await resp.json()
+                if api.startswith("messages"):
+                    assert answer["type"] == "error" and answer["error"]["type"] == "permission_error", answer
+                else:
+                    assert answer["error"]["code"] == code, answer
+                seen[resp.headers["X-Request-Id"]] = api
+    records = await settled_records(gw.gateway, log, len(cases))
+    assert {r["request_id"]: r["api"] for r in records} == seen
+    assert {(r["status"], r["outcome"]) for r in records} == {(403, "forbidden")}
+    assert fleet.sim.requests_for("fast-n2") == []
 
 
 async def test_with_keys_the_key_is_the_guard(make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@ from ..decisions import Decision
 from ..errors import GatewayError
 from ..gateway import Snapshot
 from ..router import Plan
+from ..server.cors import keyless_refusal
 from ..server.edge import decode_json, read_body
 from ..signals import Signals, extract
 
@@ -72,7 +73,11 @@ async def read_and_decide(request: web.Request, snapshot: Snapshot, decision: De
 
 async def authenticate_and_read(request: web.Request, snapshot: Snapshot, decision: Decision,
                                 authorization: str | None) -> tuple[GatewayKey | None, bytes]:
-    """The key (401 before any body is read), then the body's bytes (413, 408)."""
+    """The key (401 before any body is read; without keys, the 403 of a cross-site page or a
+    rebinding domain, `server.cors`), then the body's bytes (413, 408)."""
+    refusal = keyless_refusal(request)
+    if refusal is not None:
+        raise refusal
     key = snapshot.authenticate(authorization)
     decision.key = key.name if key is not None else None                # known even if the body is bad
     server = snapshot.config.server

@@ -60,6 +60,9 @@ def create_app(config: Config, gateway: Gateway | None = None) -> web.Applicatio
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
     app.router.add_get("/metrics", admin.metrics)
+    # These check the keyless guard with the key (inbound.routing): a refusal has its decision record.
+    app[cors.SELF_GUARDED] = frozenset((chat.chat_completions, messages.messages, messages.count_tokens,
+                                        responses.create, admin.route))
     ops_pages.install(app, ops_source(app[GATEWAY]))
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)

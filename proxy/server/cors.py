@@ -16,7 +16,10 @@ gateway's own nor in `cors_origins` gets 403, and, when the gateway listens on l
 request whose `Host` is not a loopback name or address gets 403. Clients that are not
 browsers (SDKs, curl) send no `Origin` and a loopback `Host`, and are unaffected; neither are
 /healthz and /readyz, whose probes may name a service in `Host`. With keys
-the key is the guard and nothing is checked here. Imports only the app key from the edge.
+the key is the guard and nothing is checked here. The client APIs (and /v1/route) apply
+`keyless_refusal` themselves, where they check the key (`inbound.routing`), so that a
+refused request leaves its decision record and gets its API's error shape; the middleware
+guards every other path. Imports only the app key from the edge.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import error_body
+from ..errors import GatewayError, error_body
 from ..ops.pages import PREFIX as OPS_PREFIX
 from .edge import GATEWAY
 
@@ -94,26 +97,39 @@ def _loopback_host(host: str) -> bool:
         return False
 
 
-def _refuse(message: str, code: str) -> web.Response:
-    return web.Response(status=403, body=error_body(message, "invalid_request_error", code),
-                        content_type="application/json")
+# The handlers that call `keyless_refusal` themselves (the app's wiring lists them).
+SELF_GUARDED = web.AppKey("keyless_self_guarded", frozenset)
+
+
+def keyless_refusal(request: web.Request) -> GatewayError | None:
+    """Why a gateway without keys refuses this request (module docstring), or None."""
+    gateway = request.app[GATEWAY]
+    if gateway.snapshot.config.auth_required or request.path in HEALTH_PATHS:
+        return None
+    host = request.headers.get("Host", "")         # a browser always sends one; a bare HTTP/1.0 client may not
+    if host and gateway.loopback_only and not _loopback_host(host):
+        return _refusal("this gateway has no keys and serves loopback clients only; the Host header must name "
+                        "localhost or a loopback address", "host_not_allowed")
+    origin = request.headers.get("Origin")
+    if origin is not None and request.method != "OPTIONS" and origin != f"{request.scheme}://{host}" \
+            and allowed_origin(request) is None:
+        return _refusal(f"origin {origin[:100]!r} is not in server.cors_origins", "cors_origin_not_allowed")
+    return None
+
+
+def _refusal(message: str, code: str) -> GatewayError:
+    return GatewayError(403, message, "invalid_request_error", code, outcome="forbidden")
 
 
 @web.middleware
 async def keyless_guard(request: web.Request, handler: Any) -> web.StreamResponse:
     """Without keys: no cross-site browser request and no rebinding domain (module docstring)."""
-    gateway = request.app[GATEWAY]
-    if gateway.snapshot.config.auth_required or request.path in HEALTH_PATHS:
+    if request.match_info.handler in request.app.get(SELF_GUARDED, ()):
         return await handler(request)
-    host = request.headers.get("Host", "")         # a browser always sends one; a bare HTTP/1.0 client may not
-    if host and gateway.loopback_only and not _loopback_host(host):
-        return _refuse("this gateway has no keys and serves loopback clients only; the Host header must name "
-                       "localhost or a loopback address", "host_not_allowed")
-    origin = request.headers.get("Origin")
-    if origin is not None and request.method != "OPTIONS" and origin != f"{request.scheme}://{host}" \
-            and allowed_origin(request) is None:
-        return _refuse(f"origin {origin[:100]!r} is not in server.cors_origins", "cors_origin_not_allowed")
-    return await handler(request)
+    refusal = keyless_refusal(request)
+    if refusal is None:
+        return await handler(request)
+    return web.Response(status=refusal.status, body=refusal.body(), content_type="application/json")
 
 
 def install(app: web.Application) -> None:
