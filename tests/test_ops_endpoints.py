@@ -7,14 +7,19 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from proxy import config as config_module
+from proxy.ops import pages
 from proxy.ops.feed import MAX_LISTENERS
+from proxy.server.connections import Listener
 
-from .conftest import Fleet, MakeGateway, RunningGateway, model_entry
+from .conftest import Fleet, MakeGateway, RunningGateway, model_entry, serve, write_config
 from .redis_support import RedisServer
 
 PROVIDER_KEY = "sk-sim-provider-secret-0001"        # what the fleet fixture exports for the providers
@@ -148,6 +153,38 @@ async def test_an_open_page_does_not_hold_up_shutdown(make_gateway: MakeGateway)
         rest = await asyncio.wait_for(resp.content.read(), 5)
         assert time.monotonic() - started < 2.0
         assert rest.count(b"event: state") <= 1      # the stream ended rather than going on
+
+
+async def test_a_page_that_stops_reading_is_let_go(fleet: Fleet, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the write bound its connection is broken, not left open holding the frames
+    already buffered for a reader that may never come back."""
+    async def large_frame(source: object) -> bytes:     # one of these fills every buffer on the way
+        return b"event: state\ndata: " + b"x" * (4 << 20) + b"\n\n"
+
+    monkeypatch.setattr(pages, "_frame", large_frame)
+    monkeypatch.setattr(pages, "WRITE_TIMEOUT_S", 0.3)
+    gw, runner = await serve(config_module.load(*write_config(tmp_path, fleet, {"fast": model_entry("fast-n3")})))
+    (site,) = runner.sites
+    assert isinstance(site, Listener)
+    connections = site.connections
+    loop = asyncio.get_running_loop()
+    try:
+        with socket.socket() as page:
+            page.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            page.setblocking(False)
+            await loop.sock_connect(page, ("127.0.0.1", int(gw.url.rsplit(":", 1)[1])))
+            await loop.sock_sendall(page, b"GET /dashboard/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            async with asyncio.timeout(5):
+                while not gw.app[pages.FEED].frames_built:
+                    await asyncio.sleep(0.01)           # the page is open, its first frame on its way
+            deadline = time.monotonic() + 5
+            while connections.open and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)               # the page reads nothing all along
+            assert connections.open == 0, "the gateway still holds a page that stopped reading"
+            assert gw.app[pages.FEED].listeners == 0
+    finally:
+        await runner.cleanup()
 
 
 async def test_the_page_is_never_shared_with_another_origin(make_gateway: MakeGateway) -> None:

@@ -142,8 +142,13 @@ async def events(request: web.Request) -> web.StreamResponse:
         async for frame in feed.frames():
             async with asyncio.timeout(WRITE_TIMEOUT_S):
                 await response.write(frame)
-    except (ConnectionError, TimeoutError):
-        pass                                # the page went away, or stopped reading
+    except ConnectionError:
+        pass                                # the page went away
+    except TimeoutError:
+        # It stopped reading: break the connection, or its socket and the frames buffered for
+        # it would stay until it reads them, however long that takes.
+        if request.transport is not None:
+            request.transport.abort()
     finally:
         feed.leave()
     return response
