@@ -4,10 +4,10 @@
 - a rule that can never match (an empty `in`, a numeric range with nothing in it, an
   unknown latency class or output format, or an earlier rule that matches everything it does)
 - a chain that no rule, default or key uses
-- a provider or gateway key whose environment variable is unset
+- a provider or gateway key whose environment variable is unset, or the Redis password's
 - an alias that hides a deployment's upstream id (the alias wins), or a pattern alias that an
   earlier pattern already catches
-- gateway keys without an admin key: /metrics would be closed to everyone
+- gateway keys without a usable admin key: /metrics and /dashboard would be closed to everyone
 
 Pure: takes a Config, returns strings. Imports config only.
 """
@@ -83,11 +83,15 @@ def warnings(config: Config, env: Mapping[str, str] | None = None) -> list[str]:
         if provider.api_key_env and not env.get(provider.api_key_env):
             out.append(f"{providers}: providers.{name}.api_key_env: {provider.api_key_env} is not set")
     if config.auth_required and not any(key.admin for key in config.keys):
-        out.append(f"{routes}: keys: no key has 'admin: true', so nobody can read /metrics "
-                   f"(give the monitoring system its own admin key)")
+        out.append(f"{routes}: keys: no key that admits anyone has 'admin: true', so nobody can read /metrics "
+                   f"or /dashboard (give the monitoring system its own admin key)")
     for i, (name, key_env) in enumerate(declared_keys(routes)):
         if key_env and not env.get(key_env):
             out.append(f"{routes}: keys[{i}] ('{name}'): {key_env} is not set; this key admits nobody")
+    password_env = config.server.state.password_env
+    if password_env and not env.get(password_env):
+        out.append(f"{routes}: server.state.password_env: {password_env} is not set; the gateway sends Redis no "
+                   f"password (a Redis that requires one keeps every instance in degraded mode)")
     return out
 
 

@@ -213,7 +213,22 @@ def test_admin_is_a_boolean_flag_on_a_key(tmp_path: Path) -> None:
     keys[0]["admin"] = False
     p, r = write(tmp_path, PROVIDERS, {**ROUTES, "keys": keys})
     found = warnings(config_module.load(p, r, env={"OPS": "o", "APP": "a"}), env={"OPS": "o", "APP": "a"})
-    assert any("no key has 'admin: true'" in w for w in found)
+    assert any("no key that admits anyone has 'admin: true'" in w for w in found)
+    keys[0]["admin"] = True             # an admin key whose variable is unset admits nobody either
+    p, r = write(tmp_path, PROVIDERS, {**ROUTES, "keys": keys})
+    found = warnings(config_module.load(p, r, env={"APP": "a"}), env={"APP": "a"})
+    assert any("nobody can read /metrics or /dashboard" in w for w in found)
+    assert not any("nobody can read" in w for w in warnings(config_module.load(p, r, env={"OPS": "o"}),
+                                                             env={"OPS": "o"}))
+
+
+def test_an_unset_redis_password_variable_is_warned_about(tmp_path: Path) -> None:
+    state = {"url": "redis://127.0.0.1:6379/0", "password_env": "REDIS_PW"}
+    p, r = write(tmp_path, PROVIDERS, {**ROUTES, "server": {"state": state}})
+    assert any("server.state.password_env: REDIS_PW is not set" in w
+               for w in warnings(config_module.load(p, r, env={}), env={}))
+    assert not any("REDIS_PW" in w
+                   for w in warnings(config_module.load(p, r, env={"REDIS_PW": "x"}), env={"REDIS_PW": "x"}))
 
 
 def readme_yaml_blocks() -> list[str]:
