@@ -64,6 +64,24 @@ async def test_route_then_real_call_agree(shipped_gateway, headers: dict[str, st
     assert json.loads(result.stdout) == decision
 
 
+@pytest.mark.parametrize("headers,body", [
+    ({}, {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}),
+    ({"X-Max-Cost-USD": "0"}, {"model": "auto", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100}),
+    ({}, {"model": "auto", "messages": "not a list"}),
+], ids=["unknown-model", "no-candidate", "bad-body"])
+async def test_route_refuses_as_the_real_call_does(shipped_gateway, headers: dict[str, str], body: dict[str, Any]
+                                                   ) -> None:
+    """A refusal too: the same status, error and X-Route-* headers as the chat answer."""
+    seen = []
+    async with aiohttp.ClientSession() as session:
+        for path in ("/route", "/chat/completions"):
+            async with session.post(shipped_gateway.base + path, json=body, headers=headers) as r:
+                routed = {name: value for name, value in r.headers.items() if name.startswith("X-Route-")}
+                seen.append((r.status, (await r.json())["error"]["code"], routed))
+    assert seen[0] == seen[1]
+    assert seen[0][0] >= 400 and len(seen[0][2]) == 4
+
+
 async def test_explain_reports_no_candidate(tmp_path: Path) -> None:
     body = tmp_path / "body.json"
     body.write_text(json.dumps({"model": "auto", "messages": [{"role": "user", "content": "x"}],

@@ -12,7 +12,7 @@ from aiohttp import web
 from ..config import Config
 from ..decisions import Decision
 from ..errors import GatewayError, bad_request, not_found
-from ..inbound.routing import read_and_decide, route_view
+from ..inbound.routing import answer_headers, read_and_decide, route_view
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..streaming import ClientGone
 from .edge import CLIENT_CLOSED, GATEWAY, error_response, json_response, read_json, request_id
@@ -27,7 +27,7 @@ async def route(request: web.Request) -> web.Response:
     try:
         _, _, plan = await read_and_decide(request, gateway.snapshot, decision)
     except GatewayError as err:
-        return error_response(err, {"X-Request-Id": decision.request_id})
+        return error_response(err, answer_headers(decision))         # as the chat refusal would carry
     except ClientGone:
         return web.Response(status=CLIENT_CLOSED)
     first = plan.candidates[0]
