@@ -123,7 +123,7 @@ def is_loopback(host: str) -> bool:
 
 
 # Header limits for the HTTP parser: an Authorization header plus the X-* routing headers fit
-# many times over; a client sending more gets 431/400 before any handler runs.
+# many times over; a longer request line (8 KiB) or header line (16 KiB) gets a 400 before any handler runs.
 MAX_LINE_SIZE = 8 * 1024
 MAX_FIELD_SIZE = 16 * 1024
 # After the drain deadline, the streams still running get this long to write their error event.
