@@ -104,6 +104,24 @@ def _expected(decisions: list[dict[str, Any]], feedback: list[dict[str, Any]], s
     return out
 
 
+async def _series_drawn(page: Any) -> list[tuple[int, float | None]]:
+    """For each chart: how many pixels its first series colours (#2f6fde; axes and grid are
+    grey, so an empty chart has none), and their mean position across the canvas (0-1)."""
+    return [tuple(spot) for spot in await page.evaluate(
+        """() => Array.from(document.querySelectorAll('.chart canvas')).map((c) => {
+            const pixels = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let count = 0, sum = 0;
+            for (let i = 0; i < pixels.length; i += 4) {
+                if (Math.abs(pixels[i] - 47) < 30 && Math.abs(pixels[i + 1] - 111) < 30
+                    && Math.abs(pixels[i + 2] - 222) < 30 && pixels[i + 3] > 128) {
+                    count++;
+                    sum += (i / 4) % c.width;
+                }
+            }
+            return [count, count ? sum / count / c.width : null];
+        })""")]
+
+
 def _report(*args: str, stdin: bytes | None = None) -> str:
     done = subprocess.run([sys.executable, "-m", "proxy", "report", *args], cwd=ROOT, input=stdin,
                           capture_output=True, timeout=30)
@@ -221,20 +239,35 @@ async def test_html_report_opens_in_a_browser_with_its_charts_drawn(log, tmp_pat
         page = await browser.page()
         await page.goto(page_path.as_uri())
         await page.wait_for_selector("#chart-quality canvas")
-        # Each chart's first series is drawn in #2f6fde: count the pixels of that colour on each
-        # canvas (axes and grid are grey, so an empty chart has none).
-        drawn = await page.evaluate("""() => Array.from(document.querySelectorAll('.chart canvas')).map((c) => {
-            const pixels = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-            let line = 0;
-            for (let i = 0; i < pixels.length; i += 4) {
-                if (Math.abs(pixels[i] - 47) < 30 && Math.abs(pixels[i + 1] - 111) < 30
-                    && Math.abs(pixels[i + 2] - 222) < 30 && pixels[i + 3] > 128) line++;
-            }
-            return line;
-        })""")
+        drawn = [count for count, _ in await _series_drawn(page)]
         assert len(drawn) == 4 and all(n > 200 for n in drawn), drawn
         assert await page.locator("#reasons .reason").count() == len(reasons)
         assert await page.locator("table:not(.u-legend)").count() == 3         # the three weeks
         await page.screenshot(path=str(artifacts_dir() / "report.png"), full_page=True)
         assert browser.errors == []
         assert browser.left_loopback() == [] and browser.requests == [page_path.as_uri()]
+
+
+async def test_a_report_of_one_day_draws_that_day_in_the_middle(tmp_path: Path) -> None:
+    """A first report often covers a single day: it is shown with a day either side, not at
+    the left edge of a span of years."""
+    from .browser import chromium
+
+    when = dt.datetime(2026, 1, 7, 12, tzinfo=dt.UTC).timestamp()
+    records = []
+    for i in range(3):
+        d = Decision(f"day-{i}", 0.0, time=when + i)
+        d.tier, d.rule, d.outcome, d.cost_usd, d.duration_ms = "standard", "short", "ok", 0.001, 10.0
+        d.attempts.append(AttemptRecord("alpha", "x/y/0", "p", 0.0))
+        d.served_model = "alpha"
+        records.append(orjson.dumps(d.to_json()))
+    log_path, page_path = tmp_path / "decisions.jsonl", tmp_path / "report.html"
+    log_path.write_bytes(b"\n".join(records) + b"\n")
+    _report(str(log_path), "--html", str(page_path))
+    async with chromium() as browser:
+        page = await browser.page()
+        await page.goto(page_path.as_uri())
+        await page.wait_for_selector("#chart-fallback canvas")
+        spots = [where for _, where in await _series_drawn(page)]
+        assert browser.errors == []
+    assert all(spot is not None and 0.4 < spot < 0.75 for spot in spots[:3]), spots    # cost, average, fallback
