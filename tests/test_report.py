@@ -271,3 +271,12 @@ async def test_a_report_of_one_day_draws_that_day_in_the_middle(tmp_path: Path) 
         spots = [where for _, where in await _series_drawn(page)]
         assert browser.errors == []
     assert all(spot is not None and 0.4 < spot < 0.75 for spot in spots[:3]), spots    # cost, average, fallback
+
+
+def test_a_client_that_left_is_not_a_reason_an_attempt_failed() -> None:
+    from proxy.commands.report import skip_reasons
+
+    left, failed = Decision("left", 0.0), Decision("failed", 0.0)
+    left.attempts.append(AttemptRecord("alpha", "x/y/0", "p", 0.0, failure="client_disconnected"))
+    failed.attempts.append(AttemptRecord("alpha", "x/y/0", "p", 0.0, failure="timeout"))
+    assert skip_reasons([left.to_json(), failed.to_json()]) == [("attempt failed: timeout", 1)]

@@ -36,6 +36,7 @@ from .report_html import render
 DIMENSIONS = ("tier", "model", "rule")
 DAY_S = 86400
 TOP_REASONS = 12            # skip reasons the HTML report charts
+CLIENT_DISCONNECTED = "client_disconnected"     # the decision record's value (proxy.decisions)
 _SINCE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -215,8 +216,8 @@ def skip_reasons(decisions: list[dict[str, Any]]) -> list[tuple[str, int]]:
         for skip in record.get("skipped") or ():
             reason = str(skip.get("reason") or "unknown") if isinstance(skip, dict) else "unknown"
             counts["skipped: " + reason.partition(":")[0]] += 1
-        for attempt in record.get("attempts") or ():
-            if isinstance(attempt, dict) and attempt.get("failure"):
+        for attempt in record.get("attempts") or ():       # a client that left is no fault of the attempt's
+            if isinstance(attempt, dict) and attempt.get("failure") not in (None, CLIENT_DISCONNECTED):
                 counts["attempt failed: " + str(attempt["failure"])] += 1
     return counts.most_common(TOP_REASONS)
 
