@@ -130,6 +130,7 @@ class Dispatcher:
             excluded: set[str] = set()
             retried: set[str] = set()
             pinned: Deployment | None = None        # the retry goes to the deployment that failed
+            tried = False
             while budget > 0:
                 pool = (pinned,) if pinned is not None else deployments
                 choice = await self.balancer.choose(pool, model.strategy, tokens, excluded, key, self._lease(ex))
@@ -145,6 +146,8 @@ class Dispatcher:
                         rate_limited_wait = min(rate_limited_wait or math.inf, refusal.retry_after)
                     elif refusal.reason == "breaker_open" and choice.longest_open is not None:
                         open_longest = self._older(open_longest, choice)
+                    if not tried and (why := passed_over(choice)) is not None:     # the record says why
+                        ex.decision.skipped.append({"model": model.name, "reason": why})
                     break
                 key = None                          # the key pays once per request
                 pinned = None
@@ -155,6 +158,7 @@ class Dispatcher:
                     excluded.add(choice.deployment.id)
                     continue
                 budget -= 1
+                tried = True
                 verifier = Verifier(prefill, self.clock() + verify_s(choice.deployment), self.clock) \
                     if restart and prefill is not None else None
                 outcome = await self._attempt(ex, candidate, choice, request, client,
@@ -485,6 +489,16 @@ def key_limited(spec: BucketSpec | None, retry_after: float) -> GatewayError:
     return GatewayError(429, f"key '{name}' exceeded its limit of {spec.per_minute} requests per minute",
                         "rate_limit_error", "key_rate_limited",
                         headers={"Retry-After": str(max(1, math.ceil(retry_after)))}, outcome="rate_limited")
+
+
+def passed_over(choice: Refused) -> str | None:
+    """Why no deployment of a candidate was admitted, for the record's `skipped`."""
+    refusal = choice.refusal
+    if refusal.reason == "rate_limited":
+        return f"rate limited: no deployment has room for {refusal.retry_after:.1f}s"
+    if refusal.reason == "breaker_open":
+        return f"breaker open: every deployment's breaker is open (probe in {refusal.open_wait:.1f}s)"
+    return None                 # excluded: its deployments were tried already, or cannot take the request
 
 
 def final_error(attempts: list[AttemptRecord], caller: UpstreamFailure | None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -15,6 +16,7 @@ from proxy.config import Deployment, Limits, Price, Provider, Timeouts
 from proxy.state import Admission, BucketSpec, Grant, MemoryState, Option, Outcome, TokenBucket
 
 from .conftest import Fleet, MakeGateway, model_entry
+from .decision_log_support import settled_records
 from .streams import plain_chat
 
 
@@ -241,3 +243,28 @@ async def test_tpm_is_settled_with_real_usage_and_failures_give_the_reservation_
     spent = 100000 - buckets["deployment:ok/sim-openai/0:tpm"].level
     assert 0 <= spent <= body["usage"]["total_tokens"]         # not the 3,000 reserved (the bucket refills)
     assert 100000 - buckets["deployment:failing/sim-openai/0:tpm"].level < 1
+
+
+async def test_a_candidate_passed_over_says_why_in_the_record(fleet: Fleet, make_gateway: MakeGateway,
+                                                             tmp_path: Path) -> None:
+    """An empty bucket or an open breaker leaves no attempt: the record's `skipped` says which."""
+    log = tmp_path / "decisions.jsonl"
+    primary = model_entry("p-n2")
+    primary["deployments"][0]["limits"] = {"rpm": 1}
+    gw = await make_gateway(
+        {"primary": primary, "broken": model_entry("x-503"), "backup": model_entry("b-n2")},
+        {"chains": {"main": ["primary", "backup"], "down": ["broken", "backup"]}, "default": "main",
+         "server": {"decision_log": str(log), "breaker": {"consecutive": 1, "open_s": 30, "max_backoff_s": 60}}})
+    served = []
+    async with aiohttp.ClientSession() as s:
+        for chain in ("main", "main", "down", "down"):      # the bucket empties, the breaker opens
+            status, headers, _ = await plain_chat(s, gw.base, chain)
+            named = {name.lower(): value for name, value in headers.items()}
+            served.append((status, named["x-route-model"], named["x-request-id"]))
+    assert [(status, model) for status, model, _ in served] == [(200, "primary")] + [(200, "backup")] * 3
+    records = {r["request_id"]: r for r in await settled_records(gw.gateway, log, 4)}
+    skipped = [records[request_id]["skipped"] for _, _, request_id in served]
+    assert skipped[0] == [] and skipped[2] == []          # served; failed (its attempt says why)
+    assert [s["model"] for s in skipped[1]] == ["primary"] and skipped[1][0]["reason"].startswith("rate limited:")
+    assert [s["model"] for s in skipped[3]] == ["broken"] and skipped[3][0]["reason"].startswith("breaker open:")
+    assert [a["model"] for a in records[served[3][2]]["attempts"]] == ["backup"]
