@@ -95,6 +95,7 @@ def test_a_local_redis_comes_first_and_its_password_goes_to_the_env_file(tmp_pat
     assert done.returncode == 0, done.stderr
     assert _settings(done.stdout)["After"] == ["network-online.target redis-server.service"]
     assert "LLM_PROXY_REDIS_PASSWORD=" in done.stderr and "/etc/llm-proxy/llm-proxy.env" in done.stderr
+    assert "usermod -aG redis llm-proxy" in done.stderr        # the socket is the redis group's
     data["server"]["state"] = {"url": "redis://10.0.0.7:6379/0"}      # another host: no ordering to add
     routes.write_text(yaml.safe_dump(data))
     assert _settings(_run(tmp_path, routes).stdout)["After"] == ["network-online.target"]

@@ -137,6 +137,9 @@ def cmd_systemd_unit(args: argparse.Namespace) -> int:
     if state.url.startswith("unix:") and urlsplit(state.url).path.startswith(("/tmp/", "/var/tmp/")):
         print("warning: the unit has a private /tmp (PrivateTmp=yes), so it cannot reach a Redis socket "
               "there; put the socket under /run (Debian: /run/redis/redis-server.sock)", file=sys.stderr)
+    elif state.url.startswith("unix:"):
+        print(f"note: user {args.user} must be allowed to open {urlsplit(state.url).path}: Debian's Redis makes "
+              f"its socket redis:redis, mode 770, so run `usermod -aG redis {args.user}`", file=sys.stderr)
     print(render(config, host=host, port=args.port, workers=args.workers, user=args.user,
                  env_file=os.path.abspath(args.env_file)), end="")
     return 0
