@@ -45,6 +45,14 @@ QUEUE_LIMIT = 100_000           # records waiting for the writer; beyond it they
 _PIPE_CHUNK = 4096              # PIPE_BUF: writes this small never interleave between workers
 _FILE_CHUNK = 1 << 20
 BATCH_WINDOW_S = 0.02           # records gather this long, so the thread hop is per batch, not per request
+# Text a client chose may be megabytes (a model name of any length, and the reason and error
+# that quote it): the record, and the operations page's ring of recent ones, keep this much.
+MAX_MODEL_CHARS = 256
+MAX_TEXT_CHARS = 4096           # a reason or an error: room for every attempt's message (500 each)
+
+
+def _clip(text: str | None, limit: int) -> str | None:
+    return text if text is None or len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _stdout_fd() -> int:
@@ -171,7 +179,10 @@ class Decision:
         return len(self.attempts) > 1
 
     def settle(self) -> None:
-        """Bill every attempt and sum them up; called once, by `Gateway.finish`."""
+        """Bill every attempt and sum them up, and bound the text a client chose; called once,
+        by `Gateway.finish`."""
+        self.requested_model = _clip(self.requested_model, MAX_MODEL_CHARS)
+        self.reason, self.error = _clip(self.reason, MAX_TEXT_CHARS), _clip(self.error, MAX_TEXT_CHARS)
         input_tokens = int((self.signals or {}).get("input_tokens") or 0)
         total = wasted = 0.0
         for attempt in self.attempts:

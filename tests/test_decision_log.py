@@ -217,6 +217,31 @@ async def test_a_continued_stream_bills_the_broken_attempt_as_waste(make_gateway
     assert record["cost_usd"] == pytest.approx(first["cost_usd"] + second["cost_usd"])
 
 
+async def test_a_model_name_of_a_megabyte_is_kept_short_in_the_record_and_on_the_page(
+        make_gateway, tmp_path: Path) -> None:
+    """The record, the page's ring of the last 1,000 and its frames must not hold what a
+    client sends at the size it sends it: a model name (and the error and reason quoting it)."""
+    log = tmp_path / "decisions.jsonl"
+    routes = {"chains": {"main": ["fast"]}, "default": "main", "aliases": {"fast-*": "fast"},
+              "server": {"decision_log": str(log)}}
+    gw = await make_gateway({"fast": model_entry("fast-n2")}, routes)
+    long_name = "m" * 1_000_000
+    async with aiohttp.ClientSession() as session:
+        for model, status in ((long_name, 404), ("fast-" + long_name, 200)):   # unknown; an alias's pattern
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            async with session.post(gw.base + "/chat/completions", json=body) as resp:
+                assert resp.status == status
+                await resp.read()
+        async with session.get(gw.url + "/dashboard/state") as resp:
+            page = await resp.read()
+    records = await settled_records(gw.gateway, log, 2)
+    assert [r["status"] for r in records] == [404, 200]
+    for record in records:
+        assert len(record["requested_model"]) <= 256
+        assert len(orjson.dumps(record)) < 16_000, {k: len(str(v)) for k, v in record.items()}
+    assert len(page) < 200_000
+
+
 async def test_rename_then_reopen_rotates_without_losing_a_record(make_gateway, tmp_path: Path) -> None:
     log = tmp_path / "decisions.jsonl"
     gw = await make_gateway({"plain": model_entry("plain-n3-gap5")},
