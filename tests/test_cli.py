@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, free_port
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -50,3 +53,31 @@ def test_an_empty_host_means_every_interface() -> None:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     assert listen_problem("", free) is None
+
+
+def test_the_demo_serves_what_it_prints() -> None:
+    """The quick start: the demo's banner names the gateway and its operations page, and both
+    answer; Ctrl-C stops it cleanly."""
+    port = free_port()
+    demo = subprocess.Popen([sys.executable, "-m", "proxy", "demo", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert demo.stderr is not None
+        banner = ""
+        while '"msg":"listening"' not in banner:       # the banner, then the log line of the listener
+            line = demo.stderr.readline()
+            assert line, f"the demo ended early: {banner}"
+            banner += line
+        url = f"http://127.0.0.1:{port}"
+        assert f"{url}/dashboard" in banner
+        body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "Hello!"}]}).encode()
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/chat/completions", data=body), timeout=10) as r:
+            assert json.load(r)["choices"][0]["message"]["content"]
+        with urllib.request.urlopen(f"{url}/dashboard", timeout=10) as r:
+            assert r.status == 200 and b"llm-proxy" in r.read()
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=15) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()

@@ -48,6 +48,7 @@ Try:
   curl {url}/v1/route -H 'X-Task-Type: code'{auth} \\
     -d '{{"model": "auto", "messages": [{{"role": "user", "content": "Fix my bug"}}]}}'
 
+The operations page: {url}/dashboard{" (an admin key as the password)" if config.auth_required else ""}
 Decision records go {destination}. Ctrl-C stops.
 """, file=sys.stderr, flush=True)
     try:
