@@ -276,6 +276,19 @@ async def test_item_references_are_bounded_before_any_is_looked_up(make_gateway:
     assert status == 404 and openai_error(raw)["code"] == "item_not_found" and len(reads) == 4
 
 
+async def test_an_id_the_gateway_never_issued_is_a_404_not_a_lookup(make_gateway: MakeGateway) -> None:
+    """Items are stored beside responses (`items/<id>`): an id with a slash must not read an
+    item as a response (that was a 500), on a follow-up, a read or a delete."""
+    gw = await make_gateway({"ok": model_entry("k-n3")}, {"chains": {"main": ["ok"]}, "default": "main"})
+    _, _, raw = await post(gw, ASK)
+    item = "items/" + orjson.loads(raw)["output"][0]["id"]
+    status, _, raw = await post(gw, {**ASK, "previous_response_id": item})
+    assert status == 404 and openai_error(raw)["code"] == "previous_response_not_found"
+    for method in ("GET", "DELETE"):
+        status, body = await call(gw, method, "/responses/" + item.replace("/", "%2F"))
+        assert status == 404 and body["error"]["code"] == "response_not_found"
+
+
 async def test_stored_responses_are_shared_through_redis(make_gateway: MakeGateway, redis_server: Any) -> None:
     """Two instances on one Redis: a follow-up, a reference and a read may reach either, at once
     (the store is written before the client sees the end, so no wait is needed)."""

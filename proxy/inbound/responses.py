@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -37,13 +38,16 @@ from .responses_input import item_references, parse_request
 from .responses_output import ResponsesEncoder, ResponseShape
 
 SCOPE = "responses"
+ISSUED = re.compile(r"[A-Za-z0-9_-]{1,200}")     # what the ids this gateway issues are made of
 log = logging.getLogger("proxy.inbound.responses")
 
 
 class Stored:
     """Stored responses of one gateway key, in the memos: a response under its id (the
     object and its conversation), each of its output items under `items/<id>` (what an
-    `item_reference` names). Keyed by the key's name, so another key cannot reach them."""
+    `item_reference` names). Keyed by the key's name, so another key cannot reach them.
+    An id this gateway cannot have issued (`ISSUED`) is never looked up: `items/msg_...`
+    sent as a response id must not read an item as if it were a response."""
 
     __slots__ = ("memos", "prefix")
 
@@ -53,11 +57,13 @@ class Stored:
 
     async def response(self, response_id: str) -> dict[str, Any] | None:
         """`{"response": <object>, "history": <chat messages>}`, or None."""
+        if not ISSUED.fullmatch(response_id):
+            return None
         stored = await self.memos.recall(SCOPE, self.prefix + response_id)
         return None if stored is None else cast(dict[str, Any], orjson.loads(stored))
 
     async def items(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        unique = list(dict.fromkeys(ids))
+        unique = [i for i in dict.fromkeys(ids) if ISSUED.fullmatch(i)]
         found = await asyncio.gather(*(self.memos.recall(SCOPE, f"{self.prefix}items/{i}") for i in unique))
         return {i: orjson.loads(item) for i, item in zip(unique, found) if item is not None}
 
