@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,15 +117,6 @@ async def test_a_key_rpm_and_deployment_limits_hold_across_instances(
     assert value(samples, "llm_proxy_state_degraded", backend="redis") == 0
     assert value(samples, "llm_proxy_state_round_trip_ms_count") > 0
 
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server of this test's own, to stop and start again."""
-    (tmp_path / "redis").mkdir()
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_redis_down_or_hanging_degrades_to_local_shares_and_comes_back(

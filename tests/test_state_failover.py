@@ -13,13 +13,25 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.state import Admission, BucketSpec, Grant, MemoryState, Option
+from proxy.breaker import BreakerPolicy
+from proxy.state import Admission, BucketSpec, Grant, MemoryState, Option, Outcome, Refusal
 from proxy.state.failover import SharedState
-from proxy.state.redis_store import MAX_CONNECTIONS, RedisState, connect
+from proxy.state.redis_store import MAX_CONNECTIONS, RedisState, StateUnavailable, connect
 
 from .redis_support import RedisServer
 
 RPM = "deployment:m/a/0:rpm"
+TPM = "deployment:m/a/0:tpm"
+
+
+class Clock:
+    """A pinned clock for the scripts (they take it instead of the server's TIME)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def admission(limit: int = 600) -> Admission:
@@ -45,3 +57,80 @@ async def test_a_burst_beyond_the_pool_waits_for_a_connection_and_stays_shared(s
     assert shared.health.mode == "shared" and shared.health.errors == {}
     level = (await shared.view([], {RPM: 600})).buckets[RPM].level
     assert 600 - burst <= level < 600 - burst + 5          # every one taken from the shared bucket (10/s refill)
+
+
+async def test_an_admission_its_caller_stopped_waiting_for_hands_back_its_probe_slot(own_redis: RedisServer) -> None:
+    """Redis answers after the bound (or the client left meanwhile): the script ran all the
+    same and took the half-open probe slot. Its grant is handed back when it comes, so the
+    next request probes at once instead of after the slot's lease (the request's time budget)."""
+    clock = Clock()
+    policy = BreakerPolicy(consecutive=1, open_s=1.0, max_backoff_s=1.0, probes=1)
+    redis = RedisState(connect(own_redis.url, None, 0.05), prefix="late", policy=policy, timeout_s=0.05, clock=clock)
+    await redis.start()
+    probe = Admission((Option("m/a/0", (BucketSpec(TPM, 6000, 1000, tokens=True),)),), probe_lease_s=600)
+
+    async def probe_again() -> Grant:
+        async with asyncio.timeout(2):
+            while not isinstance(answer := await redis.admit(probe), Grant):
+                assert isinstance(answer, Refusal) and answer.reason == "breaker_open"
+                await asyncio.sleep(0.02)
+        return answer
+
+    try:
+        grant = await redis.admit(probe)
+        assert isinstance(grant, Grant)
+        assert await redis.settle(grant, Outcome(0, "fail")) == "open"
+        for way in ("past the bound", "the client left"):
+            clock.now += 1.0                                # the interval is over: the next admission probes
+            own_redis.pause()
+            try:
+                if way == "past the bound":
+                    with pytest.raises(StateUnavailable, match="timed out"):
+                        await redis.admit(probe)
+                else:
+                    task = asyncio.ensure_future(redis.admit(probe))
+                    await asyncio.sleep(0.02)               # the script is on its way
+                    task.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await task
+            finally:
+                own_redis.resume()
+            again = await probe_again()
+            assert again.probe
+            view = await redis.view([], {TPM: 6000})
+            assert view.buckets[TPM].level == pytest.approx(5000)       # the late grant's tokens came back
+            assert await redis.settle(again, Outcome(0, "fail")) == "open"
+    finally:
+        await redis.close()
+
+
+class FirstAdmissionFails(RedisState):
+    """One admission that never reached the server (say it waited for a connection past the bound)."""
+
+    failed = False
+
+    async def admit(self, admission: Admission) -> Grant | Refusal:
+        if not self.failed:
+            self.failed = True
+            raise StateUnavailable("redis admit: timed out", True)
+        return await super().admit(admission)
+
+
+async def test_an_admission_served_locally_while_shared_is_charged_to_redis(redis_server: RedisServer) -> None:
+    """One call timing out is not an outage: the request is admitted from the local share at
+    once, the instance stays shared, and the shared buckets are charged for it afterwards, so
+    what it took counts against the cluster's limit."""
+    redis = FirstAdmissionFails(connect(redis_server.url, None, 0.5), prefix=f"t{os.urandom(6).hex()}",
+                                timeout_s=0.5, clock=Clock())
+    state = SharedState(redis, MemoryState(share=0.25, mode="degraded"))
+    await state.start()
+    key = BucketSpec("key:batch", 60, 1)
+    local = Admission((Option("m/a/0", (BucketSpec(RPM, 60, 1), BucketSpec(TPM, 6000, 1000, tokens=True))),), key)
+    try:
+        grant = await state.admit(local)
+        assert isinstance(grant, Grant) and grant.owner is state.local and state.health.mode == "shared"
+        await state.remember("sync", "barrier", b"", 5)            # the background writes have gone out
+        view = await state.view([], {RPM: 60, TPM: 6000, "key:batch": 60})
+        assert [view.buckets[name].level for name in (RPM, TPM, "key:batch")] == pytest.approx([59, 5000, 59])
+    finally:
+        await state.close()

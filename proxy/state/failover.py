@@ -1,7 +1,10 @@
 """`SharedState`: Redis while it answers, this process's local shares while it does not.
 
 Every Redis call is bounded (`timeout_ms`, 50 by default). A call that fails is served
-locally at once. A refused or broken connection switches the instance to degraded mode at
+locally at once; while the instance is still shared, what such a local admission took is
+charged to the shared buckets in the background (its full reservation: a local settle
+does not reach Redis, and a later return from degraded mode may charge it once more: both
+err on the side of the limit). A refused or broken connection switches the instance to degraded mode at
 once; timeouts do when they go on for longer than one bound with no call answered in
 between (a stalled event loop times out every call in flight at the same moment, and is
 not an outage). In degraded mode admissions, settles and memos are served at once by a
@@ -138,6 +141,8 @@ class SharedState:
         answer = self.local.admit_now(admission)
         if isinstance(answer, Grant):
             answer.owner = self.local
+            if not self.degraded:       # one call failed, Redis is not away: it learns of this one afterwards
+                self.shared.charge_later(taken(admission, answer))
         return answer
 
     def settle(self, grant: Grant, outcome: Outcome) -> asyncio.Future[str]:
@@ -181,3 +186,11 @@ class SharedState:
     @staticmethod
     async def _forget_both(local: asyncio.Future[bool], shared: asyncio.Future[bool]) -> bool:
         return any(await asyncio.gather(local, shared))
+
+
+def taken(admission: Admission, grant: Grant) -> dict[str, tuple[int, float]]:
+    """What `grant` took from each bucket, as `charge` takes it: {name: (limit, amount)}."""
+    specs = list(admission.options[grant.index].buckets) if grant.index >= 0 else []
+    if admission.key is not None:
+        specs.append(admission.key)
+    return {spec.name: (spec.per_minute, spec.amount) for spec in specs}

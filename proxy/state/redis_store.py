@@ -19,6 +19,7 @@ Imports breaker and the state package only; `redis` is imported here and nowhere
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -50,6 +51,8 @@ log = logging.getLogger("proxy.state")
 SCRIPTS = ("admit", "settle", "view", "charge")
 MAX_CONNECTIONS = 64
 OUTBOX_GATHER_S = 0.002
+LATE_S = 1.0            # how long an admission its caller stopped waiting for may still come back
+_NO_WAIT = contextlib.nullcontext()
 
 
 class StateUnavailable(Exception):
@@ -135,13 +138,13 @@ class RedisState:
         self.policy = policy
         self._schedule = policy.schedule()
 
-    async def _bounded(self, operation: str, call: Callable[[], Awaitable[Any]], bound_s: float | None = None
-                       ) -> Any:
-        """Make a Redis call within `timeout_s` (waiting for a free connection included); count
-        it; StateUnavailable past the bound."""
+    async def _bounded(self, operation: str, call: Callable[[], Awaitable[Any]], bound_s: float | None = None,
+                       *, pooled: bool = True) -> Any:
+        """Make a Redis call within `timeout_s` (waiting for a free connection included, unless
+        the call takes one itself: `pooled=False`); count it; StateUnavailable past the bound."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(bound_s or self.timeout_s), self._connections:
+            async with asyncio.timeout(bound_s or self.timeout_s), (self._connections if pooled else _NO_WAIT):
                 result = await call()
         except (TimeoutError, RedisError, OSError) as exc:
             health = self.health
@@ -184,18 +187,30 @@ class RedisState:
         if key is not None:
             request["key"] = (key.per_minute, key.amount)
         args = [orjson.dumps(request)]
-        answer = await self._bounded("admit", lambda: self._script("admit", keys, args))
-        if int(answer[0]) == 1:
-            index = int(answer[1]) - 1
-            if index < 0:                       # the key alone
-                return Grant(-1, "", False, ())
-            option = admission.options[index]
-            return Grant(index, option.deployment_id, bool(int(answer[2])),
-                         tuple(s for s in option.buckets if s.tokens), epoch=int(answer[3]))
-        reason = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
-        longest = int(answer[3])
-        return Refusal(reason, retry_after=float(answer[2]), longest_open=longest - 1 if longest else None,
-                       open_for=float(answer[4]), open_wait=float(answer[5]))
+        # The script runs as a call of its own: past the bound, or when the request goes away,
+        # it may still run on the server, so it goes on and hands back what it reserved rather
+        # than leave a probe slot taken until its lease ends (the request's whole time budget).
+        call = asyncio.ensure_future(self._pooled(lambda: self._script("admit", keys, args)))
+        try:
+            answer = await self._bounded("admit", lambda: asyncio.shield(call), pooled=False)
+        except BaseException:
+            call.add_done_callback(functools.partial(self._give_back, admission))
+            asyncio.get_running_loop().call_later(LATE_S, call.cancel)     # bounded all the same
+            raise
+        return _answer(admission, answer)
+
+    async def _pooled(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        async with self._connections:
+            return await call()
+
+    def _give_back(self, admission: Admission, call: asyncio.Future[Any]) -> None:
+        """An admission whose caller stopped waiting came back: release what it granted (its
+        probe slot, its tokens; a request bucket stays spent until it refills)."""
+        if call.cancelled() or call.exception() is not None:
+            return
+        answer = _answer(admission, call.result())
+        if isinstance(answer, Grant) and answer.index >= 0:
+            self.settle(answer, Outcome(0))
 
     def settle(self, grant: Grant, outcome: Outcome) -> asyncio.Future[str]:
         policy = self.policy
@@ -214,13 +229,20 @@ class RedisState:
 
     async def charge(self, amounts: Mapping[str, tuple[int, float]]) -> None:
         """Take `{bucket name: (limit, amount)}` from the shared buckets (the failover's hand-back)."""
-        if not amounts:
-            return
+        if amounts:
+            keys, args = self._charge_call(amounts)
+            await self._bounded("charge", lambda: self._script("charge", keys, args))
+
+    def charge_later(self, amounts: Mapping[str, tuple[int, float]]) -> asyncio.Future[Any]:
+        """`charge`, sent in the background: what this process admitted on its own while shared."""
+        return self._queue(_Queued("charge", self._charge_call(amounts), 0))
+
+    def _charge_call(self, amounts: Mapping[str, tuple[int, float]]) -> tuple[list[str], list[Any]]:
         keys = [self._key("bucket", name) for name in amounts]
         args: list[Any] = [self._now()]
         for per_minute, amount in amounts.values():
             args += (per_minute, amount)
-        await self._bounded("charge", lambda: self._script("charge", keys, args))
+        return keys, args
 
     async def ping(self) -> None:
         await self._bounded("ping", self.client.ping)
@@ -327,6 +349,21 @@ class RedisState:
                 raise errors[0]
             return [r.decode() if isinstance(r, bytes) else bool(r) for r in results]
         raise AssertionError("unreachable")
+
+
+def _answer(admission: Admission, answer: list[Any]) -> Grant | Refusal:
+    """admit.lua's reply to `admission`."""
+    if int(answer[0]) == 1:
+        index = int(answer[1]) - 1
+        if index < 0:                       # the key alone
+            return Grant(-1, "", False, ())
+        option = admission.options[index]
+        return Grant(index, option.deployment_id, bool(int(answer[2])),
+                     tuple(s for s in option.buckets if s.tokens), epoch=int(answer[3]))
+    reason = answer[1].decode() if isinstance(answer[1], bytes) else str(answer[1])
+    longest = int(answer[3])
+    return Refusal(reason, retry_after=float(answer[2]), longest_open=longest - 1 if longest else None,
+                   open_for=float(answer[4]), open_wait=float(answer[5]))
 
 
 def _opt(value: float | None) -> Any:
