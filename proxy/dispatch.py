@@ -349,7 +349,9 @@ class Dispatcher:
             verdict = "fail" if POLICY[failure.kind].breaker else None
             failure_hold = failure.retry_after
             failure_cost = self.clock() - record.started
-            used_tokens = 0                 # refused before any output: nothing was spent
+            # Failed before the commit: refused before any output spends nothing, but a restart
+            # that diverged had generated text (the provider bills it): its reservation stands.
+            used_tokens = (record.usage.total_tokens if record.usage else None) if record.content_seen else 0
             self._failed(record, failure, deployment)
             if failure.kind is FailureClass.AUTH:
                 trip_for = AUTH_OPEN_S

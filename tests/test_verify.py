@@ -151,6 +151,22 @@ async def test_a_restart_that_answers_differently_never_reaches_the_client(fleet
     assert gw.gateway.state.breaker("backup/sim-openai/0").state == CLOSED
 
 
+async def test_a_divergence_leaves_what_the_restart_generated_in_its_token_bucket(
+        fleet: Fleet, make_gateway: MakeGateway) -> None:
+    """A restart that diverged had generated text (billed by the provider, counted as wasted):
+    its tpm reservation stands, like any attempt that produced output without usage."""
+    models, routes = continuing("p-cut5-n12", "b-n12-differ3")
+    models["backup"]["deployments"][0]["limits"] = {"tpm": 6000}     # refills 100 a second
+    gw = await make_gateway(models, routes, timeouts=TIMEOUTS)
+    records = capture(gw)
+    async with aiohttp.ClientSession() as s:
+        r = await stream_chat(s, gw.base, "main")
+    assert r.error is not None and [a.failure for a in records[0].attempts] == ["protocol", "diverged"]
+    assert records[0].attempts[1].content_seen
+    level = gw.gateway.state.buckets["deployment:backup/sim-openai/0:tpm"].level
+    assert level < 6000 - 500                   # the reservation (input + 1,024) was not handed back
+
+
 async def test_a_chain_moves_past_a_divergence_to_a_candidate_that_verifies(fleet: Fleet,
                                                                             make_gateway: MakeGateway) -> None:
     models = {"primary": model_entry("p-cut5-n12"), "varied": model_entry("v-n12-differ0"),
