@@ -441,7 +441,8 @@ class Dispatcher:
         return await stream_attempt(
             lambda: self.transport.send(deployment.provider, request), adapter, translator, timeouts,
             min(self.clock() + timeouts.total_s, ex.deadline), record, client, commit, prefill, self.clock,
-            ex.encoder, request.native, self.settings.max_upstream_event_bytes, verifier)
+            ex.encoder, request.native, self.settings.max_upstream_event_bytes, verifier,
+            max_held_bytes=self.settings.max_upstream_body_bytes)
 
     async def _end_with_error(self, ex: Exchange, client: ClientStream | None, failure: UpstreamFailure) -> None:
         """After the commit the only honest end is the surface's error event, never a clean close."""

@@ -66,7 +66,8 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
                          translator: StreamTranslator, timeouts: Timeouts, end_total: float, record: AttemptRecord,
                          client: ClientStream, commit: Callable[[], Awaitable[None]], prefill: str | None,
                          clock: Callable[[], float], encoder: Encoder, native: bool = False,
-                         max_event_bytes: int = MAX_EVENT_BYTES, verify: Verifier | None = None) -> Usage | None:
+                         max_event_bytes: int = MAX_EVENT_BYTES, verify: Verifier | None = None, *,
+                         max_held_bytes: int) -> Usage | None:
     """One streamed attempt: `send` it, hold frames until the first content, `commit` the
     client's response (once per request: a continuation writes on into it), then move
     bytes as they arrive, each payload through `encoder.chunk` (or, `native`, each
@@ -75,7 +76,9 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
     already has (see `proxy.verify`).
 
     Before the commit a failure raises UpstreamFailure (dispatch tries the next attempt
-    unseen); after it, StreamBroken; a client that left or stopped reading, ClientGone.
+    unseen), also when the upstream sends more than `max_held_bytes` before its first
+    content (all of it is held until then); after it, StreamBroken; a client that left or
+    stopped reading, ClientGone.
     """
     parser = SSEParser(max_event_bytes)
     feed = passthrough(translator) if native else translator.feed
@@ -88,6 +91,7 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
     try:
         # Phase 1: until the first content, everything is held back and any failure is unseen.
         pending: list[bytes] = []
+        held = 0
         async with asyncio.timeout(max(0.001, min(timeouts.first_token_s, end_total - clock()))):
             response = await send()
             headers_received = True
@@ -98,6 +102,10 @@ async def stream_attempt(send: Callable[[], Awaitable[aiohttp.ClientResponse]], 
                 chunk = await content.readany()
                 if not chunk:
                     break
+                held += len(chunk)
+                if held > max_held_bytes:
+                    raise UpstreamFailure(FailureClass.PROTOCOL,
+                                          f"the upstream sent more than {max_held_bytes} bytes before any content")
                 try:
                     for event in parser.feed(chunk):
                         pending.extend(feed(event.name, event.data))

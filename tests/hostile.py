@@ -4,6 +4,7 @@ every request it receives. Behaviour is chosen by the model name, as in the simu
   redirect302, redirect307   answer with that status and a Location on the bystander
   multiline                  a valid stream whose every JSON `data:` spans several lines (legal SSE)
   hugefirst                  an unterminated 50 MB line before any event
+  emptyfirst                 50 MB of small valid events before any content (empty deltas)
   hugeafter                  a few good tokens, then an unterminated 50 MB line
   bigbody                    a non-streamed 200 whose JSON body never ends (50 MB, chunked)
   echolong                   a 401 whose long message quotes the key it was sent, late
@@ -27,6 +28,7 @@ from proxy.simulator import Behaviour, Simulator, make_reply
 PREFIX = {"openai": "/openai/v1", "anthropic": "/anthropic/v1", "gemini": "/gemini/v1beta"}
 HUGE_BYTES = 50 * 1024 * 1024
 PIECE = b"x" * 65536
+EMPTY_EVENTS = b'data: {"id":"x","object":"chat.completion.chunk","choices":[{"index":0,"delta":{}}]}\n\n' * 700
 KEY_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")
 
 
@@ -80,6 +82,10 @@ class Hostile:
         frames = wire.frames(ask, reply)
         if mode == "hugefirst":
             return await self._endless(request, ask.model, b"data: ", "text/event-stream")
+        if mode == "emptyfirst":
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            return await self._flood(response, ask.model, b"", EMPTY_EVENTS)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         if mode == "hugeafter":
@@ -96,21 +102,22 @@ class Hostile:
         await response.prepare(request)
         return await self._flood(response, model, start)
 
-    async def _flood(self, response: web.StreamResponse, model: str, start: bytes) -> web.StreamResponse:
-        """HUGE_BYTES without a line end, as fast as the gateway takes them; it is expected to hang up."""
+    async def _flood(self, response: web.StreamResponse, model: str, start: bytes, piece: bytes = PIECE
+                     ) -> web.StreamResponse:
+        """HUGE_BYTES of `piece` (no line end), as fast as the gateway takes them; it is expected to hang up."""
         self.sent_bytes[model] = 0
         try:
             await response.write(start)
             while self.sent_bytes[model] < HUGE_BYTES:
-                await response.write(PIECE)
-                self.sent_bytes[model] += len(PIECE)
+                await response.write(piece)
+                self.sent_bytes[model] += len(piece)
             await response.write_eof()
         except (ConnectionError, OSError):
             pass
         return response
 
 
-MODES = ("redirect302", "redirect307", "multiline", "hugefirst", "hugeafter", "bigbody", "echolong")
+MODES = ("redirect302", "redirect307", "multiline", "hugefirst", "emptyfirst", "hugeafter", "bigbody", "echolong")
 
 
 def multiline(frame: bytes) -> bytes:

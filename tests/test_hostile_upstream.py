@@ -95,19 +95,24 @@ async def test_multi_line_data_arrives_intact_through_the_openai_sdk(make_gatewa
     assert text == "".join(canonical_text(6))
 
 
-async def test_an_endless_line_before_content_is_cut_at_the_cap_and_fails_over(
-        make_gateway: MakeGateway, upstreams: Any) -> None:
+@pytest.mark.parametrize(("upstream", "cap", "message"), [
+    ("m-hugefirst", "max_upstream_event_bytes", "an upstream event exceeded 1048576 bytes"),
+    # Every event before the first content is held back (the commit point), so what is held is
+    # bounded like a whole answer, instead of growing until first_token_s.
+    ("m-emptyfirst", "max_upstream_body_bytes", "the upstream sent more than 1048576 bytes before any content"),
+])
+async def test_an_endless_line_or_endless_events_before_content_are_cut_at_the_cap_and_fail_over(
+        make_gateway: MakeGateway, upstreams: Any, upstream: str, cap: str, message: str) -> None:
     ups, providers = upstreams
-    gw = await hostile_then_good(make_gateway, providers, "openai", "m-hugefirst",
-                                 max_upstream_event_bytes=1024 * 1024)
+    gw = await hostile_then_good(make_gateway, providers, "openai", upstream, **{cap: 1024 * 1024})
     records = capture(gw)
     async with aiohttp.ClientSession() as session:
         async with session.post(gw.base + "/chat/completions", json=chat_body("main")) as r:
             answer = read_sse_answer(r.status, dict(r.headers), await r.read())
     assert answer.complete and r.headers["X-Route-Model"] == "good"
     first = records[0].attempts[0]
-    assert first.failure == "protocol" and first.message == "an upstream event exceeded 1048576 bytes"
-    assert ups.hostile.sent_bytes["m-hugefirst"] < 8 * 1024 * 1024, "the gateway hung up near the cap"
+    assert first.failure == "protocol" and first.message == message
+    assert ups.hostile.sent_bytes[upstream] < 8 * 1024 * 1024, "the gateway hung up near the cap"
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
