@@ -11,6 +11,7 @@ import asyncio
 import inspect
 import logging
 import resource
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,10 @@ import pytest
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from proxy import config as config_module
 from proxy.server import connections
+from proxy.server.app import create_app, listen, make_runner
+from proxy.server.edge import GATEWAY
 
 from .conftest import Fleet, MakeGateway, RunningGateway, SpawnGateway, model_entry, write_config
 
@@ -270,3 +274,36 @@ async def test_a_flood_of_idle_sockets_with_few_descriptors_still_lets_a_real_re
     errors = [line for line in gw.logs() if line["level"] in ("error", "critical")]
     assert not errors, errors[:3]
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 300     # the test itself had room
+
+
+async def test_a_whole_answer_to_a_reader_that_stops_keeps_it_busy_then_cuts_it(
+        fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An answer a handler returns (the catalogue, /metrics, the page's JSON) is written while
+    its connection still counts as busy, and no longer than the send bound: a client that
+    stops reading cannot hold the connection and the answer's bytes for ever."""
+    monkeypatch.setattr(connections, "SEND_TIMEOUT_S", 0.5)
+    config = config_module.load(*write_config(tmp_path, fleet, {"fast": model_entry("fast-n3")}))
+    app = create_app(config)
+
+    async def large(request: web.Request) -> web.Response:     # more than every buffer on the way holds
+        return web.Response(body=b"x" * (32 << 20), content_type="application/octet-stream")
+
+    app.router.add_get("/large", large)
+    runner = make_runner(app)
+    await runner.setup()
+    site = await listen(runner, app[GATEWAY], "127.0.0.1", 0)
+    loop = asyncio.get_running_loop()
+    try:
+        with socket.socket() as client:
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.setblocking(False)
+            await loop.sock_connect(client, ("127.0.0.1", site.port))
+            await loop.sock_sendall(client, b"GET /large HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            await asyncio.sleep(0.3)                        # the answer is being written, and stalls
+            assert site.connections.open == 1 and not site.connections.idle, "counted idle while writing"
+            deadline = loop.time() + 5
+            while site.connections.open and loop.time() < deadline:
+                await asyncio.sleep(0.05)                   # the client reads nothing all along
+            assert site.connections.open == 0, "a stalled answer held its connection past the bound"
+    finally:
+        await runner.cleanup()

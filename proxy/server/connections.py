@@ -7,6 +7,8 @@ how many may be open, and what a malformed request gets.
   closed without an answer (there is no request to answer).
 - Idle: between requests a keep-alive connection may wait `keepalive_timeout_s` (aiohttp's
   own keep-alive timer, which also runs from the connect and is never extended by bytes).
+  A connection is busy, not idle, until its answer has left; an answer a handler returns
+  unsent must leave within SEND_TIMEOUT_S, or the connection is aborted (`send_within`).
 - Count: at most `max_connections` open at once (default: half the open-file limit less
   64 for the gateway's own files; each client connection may hold an upstream socket too;
   `serve` raises the soft limit to the hard one at start). A connection beyond it closes
@@ -38,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientError, web
 from aiohttp.http_exceptions import (
     BadHttpMethod,
     BadStatusLine,
@@ -56,6 +58,7 @@ log = logging.getLogger("proxy.connections")
 
 RESERVED_FILES = 64             # listener, log files, the event loop, pipes: not for clients
 REFUSED_LINGER_S = 1.0          # a refused connection is read (and dropped) this long, so the 503 is not reset
+SEND_TIMEOUT_S = 30.0           # for a whole answer to leave once it is ready, however slow the reader
 MAX_LINGERING = 64              # refused connections lingering at once; beyond, they are closed at once
 LOG_EVERY_S = 1.0               # at most one line a second about malformed requests
 FULL_LOG_EVERY_S = 10.0         # and one each 10 s about the connection limit
@@ -334,15 +337,37 @@ class Listener(web.BaseSite):
         await super().stop()
 
 
+async def send_within(request: web.BaseRequest, response: web.StreamResponse, within_s: float) -> bool:
+    """Put a whole answer on the wire within `within_s`. False when the client is gone or took
+    nothing for that long; its connection is then broken (aborted, not closed: a close would
+    wait, holding the socket and the answer, for a reader that may never come back)."""
+    try:
+        async with asyncio.timeout(max(0.001, within_s)):
+            await response.prepare(request)
+            await response.write_eof()
+    except TimeoutError:
+        if request.transport is not None:
+            request.transport.abort()
+        return False
+    except (ConnectionError, ClientError):
+        return False
+    return True
+
+
 @web.middleware
 async def track_requests(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Marks the connection busy for the request's life: a busy connection is never closed
-    for its head timer or to make room for a newcomer."""
+    """Marks the connection busy for the request's life, the writing of its answer included: a
+    busy connection is never closed for its head timer or to make room for a newcomer. An
+    answer the handler returns unsent (the catalogue, /metrics, the page's JSON) is sent here,
+    within SEND_TIMEOUT_S, rather than by aiohttp afterwards with no bound."""
     connection = request.protocol
     if not isinstance(connection, ClientConnection):     # served by another listener (tests)
         return await handler(request)
     connection.request_started()
     try:
-        return await handler(request)
+        response = await handler(request)
+        if isinstance(response, web.Response) and not response.prepared:
+            await send_within(request, response, SEND_TIMEOUT_S)
+        return response
     finally:
         connection.request_finished()

@@ -20,13 +20,12 @@ from aiohttp import web
 from ..errors import GatewayError, bad_request, error_body
 from ..gateway import Gateway
 from ..streaming import ClientGone
-from .connections import SERVER, new_request_id
+from .connections import SEND_TIMEOUT_S, SERVER, new_request_id, send_within
 
 GATEWAY = web.AppKey("gateway", Gateway)
 ErrorShape = Callable[[int, str], bytes]      # (status, message) -> an API's error body
 # Path prefixes whose unknown routes, wrong methods and stray errors answer in their API's shape.
 ERROR_SHAPES = web.AppKey("error_shapes", tuple)
-SEND_TIMEOUT_S = 30.0           # for a whole answer to leave once it is ready, however slow the reader
 CLIENT_CLOSED = 499             # the status recorded when the client left before any answer
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_PATH_SHOWN = 200            # of a path named in a 404 or 405
@@ -72,17 +71,9 @@ async def send_now(request: web.Request, response: web.Response, within_s: float
     """Put a whole answer on the wire before returning it, so that the bookkeeping in the
     handler's `finally` (decision record, metrics) runs after the client has its bytes
     rather than in front of them. A client that will not read it within `within_s` is cut
-    off (the connection aborted) rather than allowed to pin the handler."""
-    try:
-        async with asyncio.timeout(max(0.001, within_s)):
-            await response.prepare(request)
-            await response.write_eof()
-    except TimeoutError:
-        if request.transport is not None:
-            request.transport.abort()
-        raise ClientGone() from None
-    except (ConnectionError, aiohttp.ClientError) as exc:
-        raise ClientGone() from exc
+    off (the connection aborted) rather than allowed to pin the handler: ClientGone."""
+    if not await send_within(request, response, within_s):
+        raise ClientGone()
     return response
 
 
