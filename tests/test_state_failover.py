@@ -135,3 +135,39 @@ async def test_an_admission_served_locally_while_shared_is_charged_to_redis(redi
         assert [view.buckets[name].level for name in (RPM, TPM, "key:batch")] == pytest.approx([59, 5000, 59])
     finally:
         await state.close()
+
+
+class AdmissionsDuringTheCharge(RedisState):
+    """Requests that the local shares admit while the hand-back's round trip is under way."""
+
+    during: list[Admission] = []
+    local: SharedState | None = None
+
+    async def charge(self, amounts: dict[str, tuple[int, float]]) -> None:        # type: ignore[override]
+        await super().charge(amounts)
+        assert self.local is not None and self.local.degraded
+        for admission in self.during:
+            assert isinstance(await self.local.admit(admission), Grant)
+
+
+async def test_the_return_to_shared_charges_every_local_admission(redis_server: RedisServer) -> None:
+    """What the local shares admitted is handed to the shared buckets on the way back, also
+    what they admitted while that hand-back was on its way."""
+    redis = AdmissionsDuringTheCharge(connect(redis_server.url, None, 0.5), prefix=f"t{os.urandom(6).hex()}",
+                                      timeout_s=0.5, clock=Clock())
+    state = SharedState(redis, MemoryState(share=0.5, mode="degraded"), recovery_interval_s=0.01)
+    redis.local = state
+    one = Admission((Option("m/a/0", (BucketSpec(RPM, 12, 1),)),))
+    redis.during = [one, one]
+    await state.start()
+    try:
+        state.degrade("a test")
+        assert all(isinstance(g, Grant) for g in [await state.admit(one) for _ in range(2)])   # a share: 6 of 12
+        async with asyncio.timeout(2):
+            while state.degraded:
+                await asyncio.sleep(0.01)
+        await state.remember("sync", "barrier", b"", 5)            # the background writes have gone out
+        view = await state.view([], {RPM: 12})
+        assert view.buckets[RPM].level == pytest.approx(12 - 4, abs=0.01)
+    finally:
+        await state.close()

@@ -106,9 +106,16 @@ class SharedState:
                 await self.shared.reconnect()
                 await self.shared.ping()
                 await self.shared.start()           # its scripts, in case Redis restarted empty
-                await self.shared.charge(self._local_spending())
+                charged = self._local_spending()
+                await self.shared.charge(charged)
             except StateUnavailable:
                 continue
+            # What the local shares admitted during that round trip goes after it; from here to
+            # the switch nothing else is admitted locally.
+            meanwhile = {name: (limit, spent - charged[name][1] if name in charged else spent)
+                         for name, (limit, spent) in self._local_spending().items()}
+            if late := {name: amount for name, amount in meanwhile.items() if amount[1] > 0}:
+                self.shared.charge_later(late)
             self.local.buckets.clear()
             since = self.health.since
             self._switch("shared", None)
