@@ -41,7 +41,7 @@ from .breaker import OPEN
 from .config import Chain, Deployment, ServerSettings
 from .decisions import CLIENT_DISCONNECTED, AttemptRecord, Decision
 from .encoding import CHAT, Encoder
-from .errors import POLICY, FailureClass, GatewayError, UpstreamFailure, redact
+from .errors import POLICY, FailureClass, UpstreamFailure, final_error, key_limited, redact
 from .providers import Adapter, NativeAdapter, UpstreamRequest
 from .router import Candidate, Plan
 from .signals import Signals
@@ -485,15 +485,6 @@ def answer_chars(body: bytes) -> int:
         return 0
 
 
-def key_limited(spec: BucketSpec | None, retry_after: float) -> GatewayError:
-    """429 for a gateway key over its own `rpm`."""
-    assert spec is not None
-    name = spec.name.removeprefix("key:")
-    return GatewayError(429, f"key '{name}' exceeded its limit of {spec.per_minute} requests per minute",
-                        "rate_limit_error", "key_rate_limited",
-                        headers={"Retry-After": str(max(1, math.ceil(retry_after)))}, outcome="rate_limited")
-
-
 def passed_over(choice: Refused) -> str | None:
     """Why no deployment of a candidate was admitted, for the record's `skipped`."""
     refusal = choice.refusal
@@ -502,33 +493,3 @@ def passed_over(choice: Refused) -> str | None:
     if refusal.reason == "breaker_open":
         return f"breaker open: every deployment's breaker is open (probe in {refusal.open_wait:.1f}s)"
     return None                 # excluded: its deployments were tried already, or cannot take the request
-
-
-def final_error(attempts: list[AttemptRecord], caller: UpstreamFailure | None,
-                rate_limited_wait: float | None, open_wait: float | None = None) -> GatewayError:
-    """The answer when nothing served: its status is derived from what the attempts saw."""
-    if caller is not None:
-        status = caller.status if caller.status is not None and 400 <= caller.status < 500 else 400
-        return GatewayError(status, caller.message, "invalid_request_error", caller.code or caller.kind.value,
-                            outcome=caller.kind.value)
-    listing = "; ".join(f"{a.model} via {a.provider}: {a.failure}{f' {a.status}' if a.status else ''}"
-                        f" ({a.message})" for a in attempts)
-    kinds = {a.failure for a in attempts}
-    if not attempts and rate_limited_wait is None and open_wait is None:
-        return GatewayError(502, "no deployment of any candidate is available", "upstream_error",
-                            "no_deployment", outcome="upstream_failed")
-    if not attempts and rate_limited_wait is None:
-        # Nothing could be tried: every breaker is open and the one probe allowed is already out.
-        after = max(1, math.ceil(open_wait)) if open_wait is not None else 1
-        return GatewayError(503, "every candidate's circuit breaker is open; retry shortly", "upstream_error",
-                            "all_breakers_open", headers={"Retry-After": str(after)}, outcome="upstream_failed")
-    if not attempts or kinds == {FailureClass.RATE_LIMITED.value}:
-        retry = max(1, math.ceil(rate_limited_wait)) if rate_limited_wait is not None else 1
-        message = "every candidate is rate-limited" + (f" ({listing})" if listing else "")
-        return GatewayError(429, message, "rate_limit_error", "rate_limited",
-                            headers={"Retry-After": str(retry)}, outcome="rate_limited")
-    if kinds == {FailureClass.TIMEOUT.value}:
-        return GatewayError(504, f"every attempt timed out ({listing})", "upstream_error", "upstream_timeout",
-                            outcome="timeout")
-    return GatewayError(502, f"every attempt failed upstream ({listing})", "upstream_error", "upstream_failed",
-                        outcome="upstream_failed")

@@ -3,7 +3,8 @@
 `GatewayError` is everything the gateway answers with an error status; it renders
 OpenAI's error shape. `UpstreamFailure` is one failed attempt, classified once into a
 `FailureClass`; the `POLICY` table then decides retry, fallback and breaker impact, so
-no other module needs to reason about status codes.
+no other module needs to reason about status codes. When nothing served, `final_error`
+derives the client's status from the attempts.
 
 Imports nothing from the package.
 """
@@ -11,9 +12,11 @@ Imports nothing from the package.
 from __future__ import annotations
 
 import enum
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -124,3 +127,66 @@ def unauthorized(message: str) -> GatewayError:
 
 def forbidden(message: str) -> GatewayError:
     return GatewayError(403, message, "permission_error", "model_not_allowed", "model", outcome="forbidden")
+
+
+class Tried(Protocol):
+    """An attempt as the final error lists it (`decisions.AttemptRecord`)."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def provider(self) -> str: ...
+    @property
+    def failure(self) -> str | None: ...
+    @property
+    def status(self) -> int | None: ...
+    @property
+    def message(self) -> str | None: ...
+
+
+class Limit(Protocol):
+    """A bucket as a refusal names it (`state.BucketSpec`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def per_minute(self) -> int: ...
+
+
+def key_limited(key: Limit | None, retry_after: float) -> GatewayError:
+    """429 for a gateway key over its own `rpm` (`key`: its bucket, named `key:<name>`)."""
+    assert key is not None
+    name = key.name.removeprefix("key:")
+    return GatewayError(429, f"key '{name}' exceeded its limit of {key.per_minute} requests per minute",
+                        "rate_limit_error", "key_rate_limited",
+                        headers={"Retry-After": str(max(1, math.ceil(retry_after)))}, outcome="rate_limited")
+
+
+def final_error(attempts: Sequence[Tried], caller: UpstreamFailure | None,
+                rate_limited_wait: float | None, open_wait: float | None = None) -> GatewayError:
+    """The answer when nothing served: its status is derived from what the attempts saw."""
+    if caller is not None:
+        status = caller.status if caller.status is not None and 400 <= caller.status < 500 else 400
+        return GatewayError(status, caller.message, "invalid_request_error", caller.code or caller.kind.value,
+                            outcome=caller.kind.value)
+    listing = "; ".join(f"{a.model} via {a.provider}: {a.failure}{f' {a.status}' if a.status else ''}"
+                        f" ({a.message})" for a in attempts)
+    kinds = {a.failure for a in attempts}
+    if not attempts and rate_limited_wait is None and open_wait is None:
+        return GatewayError(502, "no deployment of any candidate is available", "upstream_error",
+                            "no_deployment", outcome="upstream_failed")
+    if not attempts and rate_limited_wait is None:
+        # Nothing could be tried: every breaker is open and the one probe allowed is already out.
+        after = max(1, math.ceil(open_wait)) if open_wait is not None else 1
+        return GatewayError(503, "every candidate's circuit breaker is open; retry shortly", "upstream_error",
+                            "all_breakers_open", headers={"Retry-After": str(after)}, outcome="upstream_failed")
+    if not attempts or kinds == {FailureClass.RATE_LIMITED.value}:
+        retry = max(1, math.ceil(rate_limited_wait)) if rate_limited_wait is not None else 1
+        message = "every candidate is rate-limited" + (f" ({listing})" if listing else "")
+        return GatewayError(429, message, "rate_limit_error", "rate_limited",
+                            headers={"Retry-After": str(retry)}, outcome="rate_limited")
+    if kinds == {FailureClass.TIMEOUT.value}:
+        return GatewayError(504, f"every attempt timed out ({listing})", "upstream_error", "upstream_timeout",
+                            outcome="timeout")
+    return GatewayError(502, f"every attempt failed upstream ({listing})", "upstream_error", "upstream_failed",
+                        outcome="upstream_failed")

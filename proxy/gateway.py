@@ -26,8 +26,8 @@ from . import config as config_module
 from .balancer import Load, key_spec, watched
 from .config import Config, GatewayKey
 from .decisions import CLIENT_DISCONNECTED, Decision, DecisionLog, Served, iso_time
-from .dispatch import Dispatcher, key_limited
-from .errors import GatewayError, forbidden, unauthorized
+from .dispatch import Dispatcher
+from .errors import GatewayError, forbidden, key_limited, unauthorized
 from .metrics import Metrics
 from .ops.live import LiveStats
 from .providers import Adapter, registry
