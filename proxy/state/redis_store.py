@@ -6,8 +6,12 @@ at all, and a half-open probe slot is taken in the same call, so probes are boun
 cluster-wide. Settles, memo writes and deletes never wait: they queue in an outbox that
 is sent as one pipeline every few milliseconds, off the client's byte path.
 
-Every call is bounded by `timeout_s`; a failure or a timeout raises `StateUnavailable`
-(the failover wrapper in `failover` then serves from local shares). Nothing here retries.
+Every call is bounded by `timeout_s` (the wait for one of the pool's connections
+included); a failure or a timeout raises `StateUnavailable` (the failover wrapper in
+`failover` then serves from local shares). Nothing here retries a failed call; a script
+that Redis forgot (NOSCRIPT: restarted, or SCRIPT FLUSH) is loaded and sent once more.
+An admission whose caller stopped waiting (past the bound, or the client left) still
+runs on the server: its answer is awaited by itself and what it granted handed back.
 A probe slot whose settle never comes (its instance died) frees after its lease; a
 reservation that is never settled simply stays spent until the bucket refills (at most
 one minute for a full bucket; longer only for one reservation larger than the bucket),
