@@ -171,3 +171,23 @@ async def test_the_return_to_shared_charges_every_local_admission(redis_server: 
         assert view.buckets[RPM].level == pytest.approx(12 - 4, abs=0.01)
     finally:
         await state.close()
+
+
+async def test_a_flushed_script_cache_is_loaded_again_on_every_path(redis_server: RedisServer) -> None:
+    """SCRIPT FLUSH (or a Redis restarted empty) before each kind of call: the admission, the
+    background settle and the view each load the scripts again and answer; nothing degrades."""
+    redis = RedisState(connect(redis_server.url, None, 0.5), prefix=f"t{os.urandom(6).hex()}", timeout_s=0.5,
+                       clock=Clock())
+    await redis.start()
+    spend = Admission((Option("m/a/0", (BucketSpec(TPM, 6000, 1000, tokens=True),)),))
+    try:
+        await redis.client.script_flush()
+        grant = await redis.admit(spend)
+        assert isinstance(grant, Grant)
+        await redis.client.script_flush()
+        assert await redis.settle(grant, Outcome(100, "ok")) == "closed"
+        await redis.client.script_flush()
+        assert (await redis.view([], {TPM: 6000})).buckets[TPM].level == pytest.approx(5900)
+        assert redis.health.errors == {}
+    finally:
+        await redis.close()
