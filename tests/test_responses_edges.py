@@ -209,6 +209,24 @@ async def test_stored_responses_are_scoped_to_the_key(make_gateway: MakeGateway,
     assert status == 404 and openai_error(raw)["code"] == "previous_response_not_found"
 
 
+async def test_key_names_holding_a_slash_keep_their_stores_apart(make_gateway: MakeGateway,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key "web" keeps its output items under items/<id>; key "web/items" must not reach one by
+    asking for a response of that id."""
+    monkeypatch.setenv("WEB_APP_KEY", WEB_KEY)
+    monkeypatch.setenv("BATCH_KEY", BATCH_KEY)
+    gw = await make_gateway({"ok": model_entry("slash-n3")}, {
+        "chains": {"main": ["ok"]}, "default": "main",
+        "keys": [{"name": "web", "key_env": "WEB_APP_KEY", "tier": "standard"},
+                 {"name": "web/items", "key_env": "BATCH_KEY", "tier": "free"}]})
+    _, _, raw = await post(gw, ASK, WEB_KEY)
+    item_id = orjson.loads(raw)["output"][0]["id"]
+    status, body = await call(gw, "GET", f"/responses/{item_id}", BATCH_KEY)
+    assert status == 404 and body["error"]["code"] == "response_not_found"
+    status, _, raw = await post(gw, {**ASK, "previous_response_id": item_id}, BATCH_KEY)
+    assert status == 404
+
+
 async def test_store_false_keeps_nothing_and_entries_expire(make_gateway: MakeGateway) -> None:
     gw = await make_gateway({"ok": model_entry("t-n3")}, {"chains": {"main": ["ok"]}, "default": "main"})
     _, _, raw = await post(gw, {**ASK, "store": False, "stream": True})

@@ -53,7 +53,10 @@ class Stored:
 
     def __init__(self, memos: Memos, key: GatewayKey | None) -> None:
         self.memos = memos
-        self.prefix = f"{key.name if key is not None else ''}/"
+        # The name's length first: key names may hold "/", and "a" with "items/x" must never
+        # meet "a/items" with "x".
+        name = key.name if key is not None else ""
+        self.prefix = f"{len(name)}:{name}/"
 
     async def response(self, response_id: str) -> dict[str, Any] | None:
         """`{"response": <object>, "history": <chat messages>}`, or None."""
