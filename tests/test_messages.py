@@ -273,6 +273,27 @@ async def test_an_anthropic_deployment_gets_the_clients_bytes_and_the_client_get
         assert answer == bytes(seen.answer) and answer     # the upstream's own bytes, to the byte
 
 
+async def test_the_operators_betas_and_the_clients_both_reach_an_anthropic_deployment(
+        make_gateway: MakeGateway, fleet: Fleet) -> None:
+    """A beta the operator turns on in providers.yaml is not lost when Claude Code sends its
+    own list; the client's anthropic-version wins, since its body is written for it."""
+    operator = {"api": "anthropic", "base_url": fleet.url("anthropic"), "api_key_env": "SIM_PROVIDER_KEY",
+                "headers": {"anthropic-beta": "operator-beta-1, shared-beta", "anthropic-version": "2099-01-01"}}
+    gw = await make_gateway({"claude": model_entry("betas-n2", "ops-anthropic")},
+                            {"chains": {"main": ["claude"]}, "default": "main"}, providers={"ops-anthropic": operator})
+    headers = {"x-api-key": "unused", "anthropic-version": "2023-06-01", "anthropic-beta": "shared-beta,client-beta"}
+    body = {"model": "claude", "max_tokens": 16, "messages": ASK}
+    async with aiohttp.ClientSession() as session:
+        for stream in (False, True):
+            async with session.post(gw.url + "/v1/messages", json={**body, "stream": stream},
+                                    headers=headers) as response:
+                assert response.status == 200
+                await response.read()
+            seen = fleet.sim.requests_for("betas-n2")[-1]
+            assert seen.headers["anthropic-beta"] == "operator-beta-1,shared-beta,client-beta"
+            assert seen.headers["anthropic-version"] == "2023-06-01"
+
+
 async def test_translated_requests_drop_what_chat_cannot_say_and_the_record_says_so(
         client: Client, make_gateway: MakeGateway, fleet: Fleet, tmp_path: Path) -> None:
     models = {"gpt": model_entry("gpt-n3", "sim-openai"), "claude": model_entry("cl-n3", "sim-anthropic")}

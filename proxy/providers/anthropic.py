@@ -318,6 +318,16 @@ def _url(deployment: Deployment, path: str) -> str:
     return url + "?" + urlencode(provider.query) if provider.query else url
 
 
+def merged_betas(*sources: Mapping[str, str]) -> str:
+    """The `anthropic-beta` values of every source, each once, in the order first seen."""
+    seen: dict[str, None] = {}
+    for headers in sources:
+        for name, value in headers.items():
+            if name.lower() == "anthropic-beta":
+                seen.update((beta.strip(), None) for beta in value.split(",") if beta.strip())
+    return ",".join(seen)
+
+
 class AnthropicAdapter:
     def build(self, deployment: Deployment, body: Mapping[str, Any], stream: bool,
               prefill: str | None = None) -> UpstreamRequest:
@@ -339,9 +349,16 @@ class AnthropicAdapter:
 
     @staticmethod
     def _headers(deployment: Deployment, client: Mapping[str, str]) -> dict[str, str]:
+        """The client's `anthropic-version` wins (its body is written for it); betas are the
+        union of the operator's (providers.yaml `headers:`) and the client's, so a beta the
+        operator turned on is not lost when Claude Code sends its own list."""
         provider = deployment.provider
         headers = {"Content-Type": "application/json", "anthropic-version": API_VERSION, **provider.headers,
                    **client}
+        betas = merged_betas(provider.headers, client)
+        if betas:
+            headers = {k: v for k, v in headers.items() if k.lower() != "anthropic-beta"}
+            headers["anthropic-beta"] = betas
         if provider.api_key:
             headers[provider.auth_header or "x-api-key"] = provider.api_key
         return headers
