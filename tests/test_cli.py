@@ -57,17 +57,18 @@ def test_an_empty_host_means_every_interface() -> None:
 
 def test_the_demo_serves_what_it_prints() -> None:
     """The quick start: the demo's banner names the gateway and its operations page, and both
-    answer; Ctrl-C stops it cleanly."""
+    answer the moment it is printed (it comes once the port listens); Ctrl-C stops it cleanly."""
     port = free_port()
     demo = subprocess.Popen([sys.executable, "-m", "proxy", "demo", "--port", str(port)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         assert demo.stderr is not None
         banner = ""
-        while '"msg":"listening"' not in banner:       # the banner, then the log line of the listener
+        while "Ctrl-C stops." not in banner:            # the listener's log line, then the banner
             line = demo.stderr.readline()
             assert line, f"the demo ended early: {banner}"
             banner += line
+        assert banner.index('"msg":"listening"') < banner.index("llm-proxy demo:")
         url = f"http://127.0.0.1:{port}"
         assert f"{url}/dashboard" in banner
         body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "Hello!"}]}).encode()

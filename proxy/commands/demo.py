@@ -38,7 +38,7 @@ async def _run(config: Config, host: str, port: int, sim_port: int) -> int:
     auth = " -H 'Authorization: Bearer $YOUR_GATEWAY_KEY'" if config.auth_required else ""
     destination = {"stdout": "on stdout", "off": "nowhere (decision_log: off)"}.get(
         config.server.decision_log, f"in {config.server.decision_log}")
-    print(f"""
+    banner = f"""
 llm-proxy demo: the gateway on {url}, a simulated fleet ({', '.join(sorted(config.providers))}) on port {bound}.
 Try:
 
@@ -50,9 +50,10 @@ Try:
 
 The operations page: {url}/dashboard{" (an admin key as the password)" if config.auth_required else ""}
 Decision records go {destination}. Ctrl-C stops.
-""", file=sys.stderr, flush=True)
+"""
     try:
-        return await run_server(fleet, host, port)
+        # Printed once the port accepts connections, so a script may run the commands at once.
+        return await run_server(fleet, host, port, listening=lambda: print(banner, file=sys.stderr, flush=True))
     finally:
         await sim_runner.cleanup()
 

@@ -17,6 +17,7 @@ import resource
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -195,9 +196,11 @@ async def drain(gateway: Gateway, runner: web.AppRunner, deadline_s: float) -> N
 
 
 async def run_server(config: Config, host: str, port: int, reuse_port: bool = False,
-                     sock: socket.socket | None = None, workers: int = 1) -> int:
+                     sock: socket.socket | None = None, workers: int = 1,
+                     listening: Callable[[], None] | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain. Returns the exit code. `workers` is how many
-    processes share the port: without Redis each enforces 1/workers of every limit."""
+    processes share the port: without Redis each enforces 1/workers of every limit.
+    `listening` is called once the port accepts connections (the demo prints its banner then)."""
     gateway = Gateway(config, workers=workers)
     gateway.keys_required = config.auth_required and not is_loopback(host)
     gateway.loopback_only = is_loopback(host)
@@ -223,6 +226,8 @@ async def run_server(config: Config, host: str, port: int, reuse_port: bool = Fa
                                  "state": gateway.state.health.mode,
                                  "open_files": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                                  "max_connections": site.connections.limits().max_connections})
+    if listening is not None:
+        listening()
     await stop.wait()
     deadline = gateway.snapshot.config.server.drain_timeout_s    # the current config's, after reloads
     log.info("draining", extra={"deadline_s": deadline, "in_flight": len(gateway.in_flight), "pid": os.getpid()})
