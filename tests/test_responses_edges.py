@@ -185,14 +185,20 @@ async def test_bad_input_is_400_naming_the_field(make_gateway: MakeGateway, body
     assert error["param"] == param and error["type"] == "invalid_request_error"
 
 
-async def test_stored_responses_are_scoped_to_the_key(make_gateway: MakeGateway,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def two_keys(make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, upstream: str,
+                   second: str) -> RunningGateway:
+    """A gateway with key "web" (WEB_KEY) and a second key named `second` (BATCH_KEY)."""
     monkeypatch.setenv("WEB_APP_KEY", WEB_KEY)
     monkeypatch.setenv("BATCH_KEY", BATCH_KEY)
-    gw = await make_gateway({"ok": model_entry("s-n3")}, {
+    return await make_gateway({"ok": model_entry(upstream)}, {
         "chains": {"main": ["ok"]}, "default": "main",
         "keys": [{"name": "web", "key_env": "WEB_APP_KEY", "tier": "standard"},
-                 {"name": "batch", "key_env": "BATCH_KEY", "tier": "free"}]})
+                 {"name": second, "key_env": "BATCH_KEY", "tier": "free"}]})
+
+
+async def test_stored_responses_are_scoped_to_the_key(make_gateway: MakeGateway,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    gw = await two_keys(make_gateway, monkeypatch, "s-n3", "batch")
     _, _, raw = await post(gw, ASK, WEB_KEY)
     rid = orjson.loads(raw)["id"]
     assert (await call(gw, "GET", f"/responses/{rid}", WEB_KEY))[1]["id"] == rid
@@ -213,12 +219,7 @@ async def test_key_names_holding_a_slash_keep_their_stores_apart(make_gateway: M
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Key "web" keeps its output items under items/<id>; key "web/items" must not reach one by
     asking for a response of that id."""
-    monkeypatch.setenv("WEB_APP_KEY", WEB_KEY)
-    monkeypatch.setenv("BATCH_KEY", BATCH_KEY)
-    gw = await make_gateway({"ok": model_entry("slash-n3")}, {
-        "chains": {"main": ["ok"]}, "default": "main",
-        "keys": [{"name": "web", "key_env": "WEB_APP_KEY", "tier": "standard"},
-                 {"name": "web/items", "key_env": "BATCH_KEY", "tier": "free"}]})
+    gw = await two_keys(make_gateway, monkeypatch, "slash-n3", "web/items")
     _, _, raw = await post(gw, ASK, WEB_KEY)
     item_id = orjson.loads(raw)["output"][0]["id"]
     status, body = await call(gw, "GET", f"/responses/{item_id}", BATCH_KEY)
