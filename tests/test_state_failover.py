@@ -191,3 +191,32 @@ async def test_a_flushed_script_cache_is_loaded_again_on_every_path(redis_server
         assert redis.health.errors == {}
     finally:
         await redis.close()
+
+
+async def test_a_probe_that_ends_while_redis_is_away_frees_its_slot_on_the_return(redis_server: RedisServer) -> None:
+    """A half-open probe granted by Redis ends during an outage: its settle cannot be sent then,
+    and is sent on the return, so the shared breaker does not wait out the slot's lease (the
+    request's whole time budget) before any instance may probe again."""
+    clock = Clock()
+    policy = BreakerPolicy(consecutive=1, open_s=1.0, max_backoff_s=1.0, probes=1)
+    redis = RedisState(connect(redis_server.url, None, 0.5), prefix=f"t{os.urandom(6).hex()}", policy=policy,
+                       timeout_s=0.5, clock=clock)
+    state = SharedState(redis, MemoryState(policy, share=0.5, mode="degraded"), recovery_interval_s=0.01)
+    probe = Admission((Option("m/a/0"),), probe_lease_s=600)
+    await state.start()
+    try:
+        grant = await state.admit(probe)
+        assert isinstance(grant, Grant) and await state.settle(grant, Outcome(0, "fail")) == "open"
+        clock.now += 1.0
+        out = await state.admit(probe)
+        assert isinstance(out, Grant) and out.probe and out.owner is state.shared
+        state.degrade("a test")
+        await state.settle(out, Outcome(0))                 # its client left while Redis was away
+        async with asyncio.timeout(2):
+            while state.degraded:
+                await asyncio.sleep(0.01)
+        await state.remember("sync", "barrier", b"", 5)    # the background writes have gone out
+        again = await state.admit(probe)
+        assert isinstance(again, Grant) and again.probe
+    finally:
+        await state.close()

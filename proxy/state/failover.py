@@ -21,7 +21,10 @@ had left; the hand-back charges it to the shared buckets afterwards.
 
 What stays local even while shared: load statistics (in flight, latency), which steer
 only this instance's choices. Breakers learned locally during an outage are not merged
-back: the shared breakers take over again as they were.
+back: the shared breakers take over again as they were. Of the settles of grants Redis
+made before the outage, only the probes' are kept and sent on the return (a probe slot
+would otherwise stay taken until its lease); the others' reservations stay spent until
+they refill.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from .store import Admission, Grant, Outcome, Refusal, StateView
 log = logging.getLogger("proxy.state")
 
 RECOVERY_INTERVAL_S = 1.0
+MAX_PROBES_KEPT = 1000          # probe settles kept for the return (a few per deployment at most)
 
 
 class SharedState:
@@ -52,6 +56,7 @@ class SharedState:
         self.recovery_interval_s = recovery_interval_s
         shared.on_failure = self.failed
         self._recovery: asyncio.Task[None] | None = None
+        self._probes_out: list[tuple[Grant, Outcome]] = []     # probes granted by Redis that ended while away
 
     @property
     def degraded(self) -> bool:
@@ -116,6 +121,9 @@ class SharedState:
                          for name, (limit, spent) in self._local_spending().items()}
             if late := {name: amount for name, amount in meanwhile.items() if amount[1] > 0}:
                 self.shared.charge_later(late)
+            for grant, outcome in self._probes_out:
+                self.shared.settle(grant, outcome)
+            self._probes_out.clear()
             self.local.buckets.clear()
             since = self.health.since
             self._switch("shared", None)
@@ -157,7 +165,11 @@ class SharedState:
             return self.local.settle(grant, outcome)
         if not self.degraded:
             return self.shared.settle(grant, outcome)
-        return done("")     # granted by Redis, which is away now: the reservation stays spent until it refills
+        # Granted by Redis, which is away now: the reservation stays spent until it refills, but
+        # a probe's slot must not wait out its lease: its settle goes on the return.
+        if grant.probe and len(self._probes_out) < MAX_PROBES_KEPT:
+            self._probes_out.append((grant, outcome))
+        return done("")
 
     async def view(self, breakers: Iterable[str], buckets: Mapping[str, int]) -> StateView:
         breakers = list(breakers)
