@@ -21,6 +21,7 @@ A map of the package, a line per room:
   encoding      the Encoder contract: how a surface puts streams and answers on its wire
   gateway       the one app-scoped object: config snapshot, state, sessions, log, metrics
   config        providers.yaml + routes.yaml -> frozen dataclasses, errors with file and path
+  settings      routes.yaml's server: section (bounds, log, CORS, breaker policy, state backend)
   yaml_paths    YAML read with file + path locations, ConfigError, the strict loader
   checks        warnings of `llm-proxy check`
   signals       pure: request -> Signals (token estimate, task, format, latency, ceiling, tier)

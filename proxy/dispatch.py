@@ -38,12 +38,13 @@ import orjson
 
 from .balancer import Balancer, Load, Refused, Reservation, reservation_tokens
 from .breaker import OPEN
-from .config import Chain, Deployment, ServerSettings
+from .config import Chain, Deployment
 from .decisions import CLIENT_DISCONNECTED, AttemptRecord, Decision
 from .encoding import CHAT, Encoder
 from .errors import POLICY, FailureClass, UpstreamFailure, final_error, key_limited, redact
 from .providers import Adapter, NativeAdapter, UpstreamRequest
 from .router import Candidate, Plan
+from .settings import ServerSettings
 from .signals import Signals
 from .state import BucketSpec, Outcome, StateStore
 from .streaming import ClientGone, ClientStream, StreamBroken, stream_attempt

@@ -68,7 +68,7 @@ from .store import (
 )
 
 if TYPE_CHECKING:
-    from ..config import StateSettings
+    from ..settings import StateSettings
 
 
 def open_state(settings: StateSettings, policy: BreakerPolicy, *, workers: int = 1,
