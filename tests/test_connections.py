@@ -73,7 +73,7 @@ HEAD = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type:
         b"Content-Length: 9\r\n\r\n")
 
 
-@pytest.mark.parametrize("kind", ("silent", "half-sent", "trickling"))
+@pytest.mark.parametrize("kind", ("silent", "half-sent", "trickling", "trickling after a request"))
 async def test_a_connection_without_a_whole_head_is_closed_at_header_timeout(make_gateway: MakeGateway,
                                                                              kind: str) -> None:
     gw = await gateway_with(make_gateway, header_timeout_s=0.5, keepalive_timeout_s=30)
@@ -82,6 +82,12 @@ async def test_a_connection_without_a_whole_head_is_closed_at_header_timeout(mak
     if kind == "half-sent":
         writer.write(HEAD[:20])
     elif kind == "trickling":               # a byte every 0.1 s: bytes arriving do not extend the bound
+        feeding = asyncio.create_task(trickle(writer, HEAD, 0.1))
+    elif kind == "trickling after a request":   # kept alive past the bound, then the next head trickles
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await reader.readuntil(b'{"status":"ok"}')).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(0.7)
         feeding = asyncio.create_task(trickle(writer, HEAD, 0.1))
     held = await closed_within(reader, 5)
     if feeding is not None:
