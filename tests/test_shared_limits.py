@@ -267,10 +267,11 @@ async def test_redis_stopped_mid_load_then_back(fleet: Fleet, tmp_path: Path, sp
     print(f"{len(results)} requests; baseline p50 {baseline[50] * 1000:.1f} ms, slowest {slowest * 1000:.1f} ms; "
           f"slow (s after the stop, ms): {slow}; started again {marks['started'] - marks['stopped']:.2f} s after")
     assert all(res.status == 200 for res in results)
-    # Around each switch (the stop, then the return) no request waits 100 ms more than usual.
-    switching = [res for res in results if -0.05 < res.sent - marks["stopped"] < 0.5
-                 or -0.05 < res.sent - marks["started"] < 2.0]
-    assert len(switching) > 80 and max(res.latency_s for res in switching) < baseline[50] + 0.1
+    # From the stop, through the outage, to 2 s after the start (the return lands about 1 s
+    # after it): no request waits 100 ms more than usual.
+    switching = [res for res in results if -0.05 < res.sent - marks["stopped"]
+                 and res.sent - marks["started"] < 2.0]
+    assert len(switching) > 180 and max(res.latency_s for res in switching) < baseline[50] + 0.1
     assert levels and levels[0] <= 6000 / 4                 # 1 / (2 instances x 2 workers)
     assert all(entry["state"]["mode"] == "shared" for entry in ready)
     logs = gw.logs()
