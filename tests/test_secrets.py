@@ -5,7 +5,7 @@ simulator's 401 quotes the key it was sent, as real providers do, and a hostile 
 (tests/hostile.py) quotes it late in a long message, where a cut before redaction would
 split it, redirects to another host (which must receive nothing), sends a 50 MB line and
 spreads its events over several data: lines. A request whose Authorization line the HTTP
-parser rejects carries the gateway key. No key may appear in the decision log, the
+parser rejects carries the gateway key, and so does a head that never ends. No key may appear in the decision log, the
 process's stdout or stderr, /metrics, or any response body or header. The same process
 proves SIGHUP log rotation and the drain on SIGTERM.
 """
@@ -97,7 +97,7 @@ def _config(tmp_path: Path, fleet: Fleet, decision_log: str, hostile: Upstreams 
     routes = {"chains": chains, "default": "main",
               "keys": [{"name": "app", "key_env": "TEST_GATEWAY_SECRET", "tier": "standard"},
                        {"name": "ops", "key_env": "TEST_ADMIN_SECRET", "tier": "free", "allow": [], "admin": True}],
-              "server": {"decision_log": decision_log}}
+              "server": {"decision_log": decision_log, "header_timeout_s": 1}}
     providers = hostile.providers({"connect_s": 2, "first_token_s": 10, "idle_s": 5, "total_s": 30}) \
         if hostile is not None else None
     return write_config(tmp_path, fleet, models, routes, providers=providers)
@@ -141,6 +141,10 @@ async def _no_key_leaks(fleet: Fleet, tmp_path: Path, hostile: Upstreams) -> Non
         return body
 
     async with served(providers, routes, env) as (url, process):
+        # A head that never ends, the key in it: closed at the head bound (1 s), meanwhile.
+        half_reader, half_writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        half_writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                          + GATEWAY_SECRET.encode() + b"\r\nContent-Le")
         async with aiohttp.ClientSession() as s:
             ids = []
             for body, headers, status in chat:
@@ -170,6 +174,10 @@ async def _no_key_leaks(fleet: Fleet, tmp_path: Path, hostile: Upstreams) -> Non
             seen.append(await reader.read())
         writer.close()
         assert seen[-1].startswith(b"HTTP/1.0 400") and b'"code":"malformed_request"' in seen[-1], seen[-1]
+        async with asyncio.timeout(10):
+            seen.append(await half_reader.read())
+        half_writer.close()
+        assert seen[-1] == b"", "the half-sent head was closed without an answer"
         out, err = await _stop(process)
 
     # The keys were really in play: the provider key reached the simulator (all three protocols),
