@@ -4,7 +4,11 @@ how many may be open, and what a malformed request gets.
 - Head: a connection must deliver a request's line and headers within `header_timeout_s`
   of connecting, and, between requests, of the first byte of the next one. Silence, a
   half-sent line and a head trickled a byte at a time all end there: the connection is
-  closed without an answer (there is no request to answer).
+  closed without an answer (there is no request to answer). Bytes that arrive while a
+  request is in progress do not start the bound: at the protocol level they cannot be told
+  from that request's body without the parser's internals, so a head fragment pipelined
+  behind a request and never finished is closed by the keep-alive bound (it is idle, so
+  the connection limit can close it first).
 - Idle: between requests a keep-alive connection may wait `keepalive_timeout_s` (aiohttp's
   own keep-alive timer, which also runs from the connect and is never extended by bytes).
   A connection is busy, not idle, until its answer has left; an answer a handler returns
