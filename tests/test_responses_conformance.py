@@ -1,11 +1,11 @@
 """`/v1/responses` through the official `openai` SDK, against all three upstream protocols.
 
-`responses.create` and `responses.stream`, async and sync (the sync client runs in a
-thread, since the gateway shares the test's event loop): text, a function tool turn,
-JSON schema output, and `previous_response_id` follow-ups. The SDK's accumulator is
-strict (`response.created` first, one identity per item, every item done before
-`response.completed`), so a stream it accepts has the complete ordered lifecycle; the
-final response it builds must equal the non-streamed one but for ids.
+`responses.create` (`parse` for JSON schema) and `responses.stream`, async and sync (the
+sync client runs in a thread, since the gateway shares the test's event loop), each for
+text, a function tool turn and JSON schema output; and `previous_response_id` follow-ups.
+The SDK's accumulator is strict (`response.created` first, one identity per item, every
+item done before `response.completed`), so a stream it accepts has the complete ordered
+lifecycle; the final response it builds must equal the non-streamed one but for ids.
 """
 
 from __future__ import annotations
@@ -127,11 +127,13 @@ async def test_function_tool_turn(clients: Clients, make_gateway: MakeGateway, f
     [call] = plain.output
     assert call.type == "function_call" and call.name == "get_weather" and call.status == "completed"
     assert call.call_id and json.loads(call.arguments) == SIM_ARGUMENTS
-    events, final = await asyncio.to_thread(stream_sync, sync_client, **ask)
-    assert_lifecycle(events)
-    deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
-    assert json.loads(deltas) == SIM_ARGUMENTS
-    assert comparable(final) == comparable(plain)
+    sync_plain = await asyncio.to_thread(sync_client.responses.create, **ask)
+    for events, final in (await stream_async(async_client, **ask),
+                          await asyncio.to_thread(stream_sync, sync_client, **ask)):
+        assert_lifecycle(events)
+        deltas = "".join(e.delta for e in events if e.type == "response.function_call_arguments.delta")
+        assert json.loads(deltas) == SIM_ARGUMENTS
+        assert comparable(final) == comparable(plain) == comparable(sync_plain)
 
     # The tool's result goes back as a function_call_output, once with the whole conversation
     # as input and once as a follow-up of the stored response: the upstream gets both turns.
@@ -147,18 +149,23 @@ async def test_function_tool_turn(clients: Clients, make_gateway: MakeGateway, f
     assert follow.previous_response_id == plain.id
 
 
+def stream_sync_parsed(client: OpenAI, **kw: Any) -> tuple[Any, Any]:
+    return client.responses.parse(**kw), stream_sync(client, **kw)
+
+
 async def test_json_schema(clients: Clients, make_gateway: MakeGateway, protocol: str) -> None:
     gw = await gateway(make_gateway, protocol, "json-n4")
-    async_client, _ = clients(gw)
+    async_client, sync_client = clients(gw)
     ask = {"model": "m0", "input": "Answer in JSON.", "text_format": Answer}
     plain = await async_client.responses.parse(**ask)
     assert plain.output_parsed is not None
     assert plain.output_parsed.answer == "".join(canonical_text(4)).strip()
     assert plain.text is not None and plain.text.format.type == "json_schema"
-    events, final = await stream_async(async_client, **ask)
-    assert_lifecycle(events)
-    assert final.output_parsed == plain.output_parsed
-    assert comparable(final) == comparable(plain)
+    sync_plain, sync_streamed = await asyncio.to_thread(stream_sync_parsed, sync_client, **ask)
+    for events, final in (await stream_async(async_client, **ask), sync_streamed):
+        assert_lifecycle(events)
+        assert final.output_parsed == plain.output_parsed == sync_plain.output_parsed
+        assert comparable(final) == comparable(plain) == comparable(sync_plain)
 
 
 async def test_previous_response_id_carries_the_conversation(clients: Clients, make_gateway: MakeGateway,
