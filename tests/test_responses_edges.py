@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from openai import APIError, AsyncOpenAI
+from openai import APIError, AsyncOpenAI, BadRequestError
 
 from proxy.simulator import canonical_text
 from proxy.sse import SSEParser
@@ -208,12 +208,21 @@ async def test_stored_responses_are_scoped_to_the_key(make_gateway: MakeGateway,
     _, _, raw = await post(gw, ASK, WEB_KEY)
     rid = orjson.loads(raw)["id"]
     assert (await call(gw, "GET", f"/responses/{rid}", WEB_KEY))[1]["id"] == rid
-    assert (await call(gw, "GET", f"/responses/{rid}"))[0] == 401
+    for method in ("GET", "DELETE"):                        # the key first, in OpenAI's shape
+        for key in (None, "gw-unknown"):
+            status, body = await call(gw, method, f"/responses/{rid}", key)
+            assert status == 401 and openai_error(orjson.dumps(body))["code"] == "invalid_api_key"
+    client = AsyncOpenAI(base_url=gw.base, api_key=WEB_KEY, max_retries=0)
+    with pytest.raises(BadRequestError) as refused:         # not a JSON body the SDK reads as an empty stream
+        await client.responses.retrieve(rid, stream=True)
+    await client.close()
+    assert openai_error(refused.value.response.content)["param"] == "stream"
     status, body = await call(gw, "GET", f"/responses/{rid}", BATCH_KEY)
-    assert status == 404 and body["error"]["code"] == "response_not_found"
+    assert status == 404 and openai_error(orjson.dumps(body))["code"] == "response_not_found"
     status, _, raw = await post(gw, {**ASK, "previous_response_id": rid}, BATCH_KEY)
     assert status == 404 and openai_error(raw)["param"] == "previous_response_id"
-    assert (await call(gw, "DELETE", f"/responses/{rid}", BATCH_KEY))[0] == 404
+    status, body = await call(gw, "DELETE", f"/responses/{rid}", BATCH_KEY)
+    assert status == 404 and openai_error(orjson.dumps(body))["code"] == "response_not_found"
     assert (await call(gw, "DELETE", f"/responses/{rid}", WEB_KEY))[1] == {
         "id": rid, "object": "response.deleted", "deleted": True}
     assert (await call(gw, "GET", f"/responses/{rid}", WEB_KEY))[0] == 404

@@ -150,10 +150,17 @@ def _not_found(request: web.Request) -> web.Response:
 
 
 async def retrieve(request: web.Request) -> web.Response:
-    """`GET /v1/responses/{id}`: a stored response object."""
+    """`GET /v1/responses/{id}`: a stored response object. `?stream=true` (the SDKs'
+    `retrieve(id, stream=True)`, which replays a `background` response) is a 400: there is
+    no background response to replay, and a JSON answer would reach that client as an empty
+    stream."""
     stored = _stored(request)
     if isinstance(stored, web.Response):
         return stored
+    if request.query.get("stream", "false").lower() != "false":
+        err = bad_request("a stored response cannot be streamed again ('background' is not supported); "
+                          "GET it without 'stream'", "stream")
+        return error_response(err, {"X-Request-Id": request_id(request)})
     found = await stored.response(request.match_info["id"])
     return _not_found(request) if found is None else json_response(found["response"])
 
