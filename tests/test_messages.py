@@ -381,6 +381,7 @@ async def keyed(make_gateway: MakeGateway, monkeypatch: pytest.MonkeyPatch, tmp_
 
 
 GOOD = {"model": "main", "max_tokens": 16, "messages": ASK}
+COUNT = {"model": "main", "messages": ASK}
 
 
 @pytest.mark.parametrize("path, headers, body, status, kind", [
@@ -393,6 +394,12 @@ GOOD = {"model": "main", "max_tokens": 16, "messages": ASK}
      "invalid_request_error"),
     ("/v1/messages", {"Authorization": f"Bearer {KEY}"}, {**GOOD, "model": "nope"}, 404, "not_found_error"),
     ("/v1/messages/count_tokens", {"x-api-key": KEY}, {"model": "nope", "messages": ASK}, 404, "not_found_error"),
+    ("/v1/messages/count_tokens", {"x-api-key": "gw-wrong"}, COUNT, 401, "authentication_error"),
+    ("/v1/messages/count_tokens", {"x-api-key": KEY}, b'{"model": "main", "messages": [', 400,
+     "invalid_request_error"),
+    ("/v1/messages/count_tokens", {"x-api-key": KEY}, {**COUNT, "messages": "hi"}, 400, "invalid_request_error"),
+    ("/v1/messages/count_tokens", {"x-api-key": KEY + "-other"}, COUNT, 403, "permission_error"),
+    ("/v1/messages/count_tokens", {"x-api-key": KEY}, {**COUNT, "system": "x" * 5000}, 413, "request_too_large"),
     ("/v1/messages", {"x-api-key": KEY + "-other"}, GOOD, 403, "permission_error"),
     ("/v1/messages", {"x-api-key": KEY}, {**GOOD, "output_config": {"format": {"type": "json"}}}, 400,
      "invalid_request_error"),
@@ -418,7 +425,10 @@ async def test_errors_in_anthropics_shape(keyed: RunningGateway, path: str, head
 
 
 async def test_keys_as_x_api_key_or_bearer_and_the_sdks_own_errors(keyed: RunningGateway) -> None:
-    for api in (anthropic.AsyncAnthropic(base_url=keyed.url, api_key=KEY, max_retries=0),
+    # The key as `x-api-key` explicitly: this SDK's `api_key` goes as a Bearer token, older ones'
+    # (and Claude Code's ANTHROPIC_API_KEY) as x-api-key.
+    for api in (anthropic.AsyncAnthropic(base_url=keyed.url, api_key=None, default_headers={"x-api-key": KEY},
+                                         max_retries=0),
                 anthropic.AsyncAnthropic(base_url=keyed.url, auth_token=KEY, max_retries=0)):
         answer = await api.messages.create(model="claude", max_tokens=16, messages=ASK)
         assert answer.content[0].text == "".join(canonical_text(3))
