@@ -197,6 +197,7 @@ async def test_an_oversized_announced_body_is_checked_after_the_key_and_recorded
 async def test_a_model_is_retrieved_by_any_name_a_request_may_send(keyed: RunningGateway) -> None:
     """`models.retrieve` (openai SDK), with and without /v1: 401 without a key, 404 for a name
     the key may not use, as for one that does not exist."""
+    from anthropic import AsyncAnthropic
     from openai import AsyncOpenAI, NotFoundError
 
     for base in (keyed.base, keyed.url):
@@ -214,5 +215,16 @@ async def test_a_model_is_retrieved_by_any_name_a_request_may_send(keyed: Runnin
             await batch.models.retrieve("spare")            # exists, but this key may not use it
         await web.close()
         await batch.close()
-    async with aiohttp.ClientSession() as session, session.get(keyed.url + "/models/fast") as resp:
-        assert resp.status == 401 and (await resp.json())["error"]["type"] == "authentication_error"
+    async with aiohttp.ClientSession() as session:
+        for headers in ({}, _bearer("gw-not-a-key"), {"x-api-key": "gw-not-a-key"}):
+            async with session.get(keyed.url + "/models/fast", headers=headers) as resp:
+                error = (await resp.json())["error"]
+                assert (resp.status, error["type"], error["code"]) == (401, "authentication_error",
+                                                                       "invalid_api_key")
+        async with session.get(keyed.base + "/models/spare", headers=_bearer(BATCH_KEY)) as resp:
+            error = (await resp.json())["error"]
+            assert (resp.status, error["code"], error["param"]) == (404, "model_not_found", "model")
+    # The Anthropic SDK's `models.retrieve`, with the key as x-api-key (Claude Code's header).
+    claude = AsyncAnthropic(base_url=keyed.url, api_key=None, default_headers={"x-api-key": WEB_KEY}, max_retries=0)
+    assert (await claude.models.retrieve("fast")).id == "fast"
+    await claude.close()

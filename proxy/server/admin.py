@@ -12,6 +12,7 @@ from aiohttp import web
 from ..config import Config
 from ..decisions import Decision
 from ..errors import GatewayError, bad_request, not_found
+from ..inbound.messages import authorization as either_key_header
 from ..inbound.routing import answer_headers, read_and_decide, route_view
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..streaming import ClientGone
@@ -79,10 +80,11 @@ def _entry(name: str, owner: str) -> dict[str, Any]:
 
 async def models(request: web.Request) -> web.Response:
     """The catalogue, as OpenAI lists it: with keys configured, only for a key, and only what
-    that key may name (`allow`)."""
+    that key may name (`allow`). Both SDKs call this path, so the key may come as a Bearer
+    token or, as the Anthropic SDK and Claude Code send it, as `x-api-key`."""
     snapshot = request.app[GATEWAY].snapshot
     try:
-        key = snapshot.authenticate(request.headers.get("Authorization"))
+        key = snapshot.authenticate(either_key_header(request.headers))
     except GatewayError as err:
         return error_response(err, {})
     allowed = key.allow if key is not None else None
@@ -95,11 +97,12 @@ async def model(request: web.Request) -> web.Response:
     """One model as OpenAI shows it (`models.retrieve`). Any name a request may send resolves:
     a catalogue model, a chain, `auto`, an alias or a deployment's upstream id; the entry keeps
     the asked id, as OpenAI does, and names the owner of what it resolves to. A name the key
-    may not use is as unknown as one that does not exist (404): the list hides it too."""
+    may not use is as unknown as one that does not exist (404): the list hides it too. The
+    key as for the list."""
     snapshot = request.app[GATEWAY].snapshot
     asked = request.match_info["model_id"]
     try:
-        key = snapshot.authenticate(request.headers.get("Authorization"))
+        key = snapshot.authenticate(either_key_header(request.headers))
         target = snapshot.router.resolve(asked)
         if target is None or not snapshot.may_use(key, asked):
             raise not_found(f"the model '{asked}' does not exist; GET /v1/models lists them")
