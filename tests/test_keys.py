@@ -197,7 +197,8 @@ async def test_an_oversized_announced_body_is_checked_after_the_key_and_recorded
 async def test_a_model_is_retrieved_by_any_name_a_request_may_send(keyed: RunningGateway) -> None:
     """`models.retrieve` (openai SDK), with and without /v1: 401 without a key, 404 for a name
     the key may not use, as for one that does not exist."""
-    from anthropic import AsyncAnthropic
+    from anthropic import AsyncAnthropic, AuthenticationError
+    from anthropic import NotFoundError as AnthropicNotFound
     from openai import AsyncOpenAI, NotFoundError
 
     for base in (keyed.base, keyed.url):
@@ -226,5 +227,20 @@ async def test_a_model_is_retrieved_by_any_name_a_request_may_send(keyed: Runnin
             assert (resp.status, error["code"], error["param"]) == (404, "model_not_found", "model")
     # The Anthropic SDK's `models.retrieve`, with the key as x-api-key (Claude Code's header).
     claude = AsyncAnthropic(base_url=keyed.url, api_key=None, default_headers={"x-api-key": WEB_KEY}, max_retries=0)
-    assert (await claude.models.retrieve("fast")).id == "fast"
+    info = await claude.models.retrieve("fast")
+    assert (info.id, info.type, info.display_name) == ("fast", "model", "fast")
+    await claude.close()
+    # Its refusals come in Anthropic's shape, which its SDK turns into its own exceptions.
+    stranger = AsyncAnthropic(base_url=keyed.url, api_key=None, default_headers={"x-api-key": "gw-not-a-key"},
+                              max_retries=0)
+    with pytest.raises(AuthenticationError) as refused:
+        await stranger.models.retrieve("fast")
+    assert refused.value.body["error"]["type"] == "authentication_error"   # type: ignore[index]
+    await stranger.close()
+    claude = AsyncAnthropic(base_url=keyed.url, api_key=None, default_headers={"x-api-key": BATCH_KEY}, max_retries=0)
+    with pytest.raises(AnthropicNotFound) as missing:
+        await claude.models.retrieve("spare")
+    assert missing.value.body["type"] == "error"   # type: ignore[index]
+    listed = await claude.models.list()             # Anthropic's paging fields, only what the key may name
+    assert ([m.id for m in listed.data], listed.has_more, listed.last_id) == (["auto", "main"], False, "main")
     await claude.close()

@@ -5,6 +5,7 @@ readiness and metrics.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -13,6 +14,7 @@ from ..config import Config
 from ..decisions import Decision
 from ..errors import GatewayError, bad_request, not_found
 from ..inbound.messages import authorization as either_key_header
+from ..inbound.messages_answer import error_body as anthropic_error_body
 from ..inbound.routing import answer_headers, read_and_decide, route_view
 from ..metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from ..streaming import ClientGone
@@ -75,22 +77,35 @@ def _catalogue(config: Config) -> dict[str, str]:
 
 
 def _entry(name: str, owner: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": owner}
+    """OpenAI's model object with Anthropic's fields beside it (`type`, `display_name`,
+    `created_at`): both SDKs read the same entry, each ignoring the other's fields."""
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner,
+            "type": "model", "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+
+
+def _refused(err: GatewayError, headers: Mapping[str, str]) -> web.Response:
+    """A refusal in the shape of the caller's SDK: Anthropic's when it sent `anthropic-version`
+    (its SDK and Claude Code always do), OpenAI's otherwise."""
+    if "anthropic-version" in headers:
+        return error_response(err, {}, anthropic_error_body(err.status, err.message))
+    return error_response(err, {})
 
 
 async def models(request: web.Request) -> web.Response:
-    """The catalogue, as OpenAI lists it: with keys configured, only for a key, and only what
-    that key may name (`allow`). Both SDKs call this path, so the key may come as a Bearer
-    token or, as the Anthropic SDK and Claude Code send it, as `x-api-key`."""
+    """The catalogue, as OpenAI lists it, with Anthropic's paging fields beside it (one page:
+    the catalogue is small). With keys configured, only for a key, and only what that key
+    may name (`allow`). Both SDKs call this path, so the key may come as a Bearer token or,
+    as the Anthropic SDK and Claude Code send it, as `x-api-key`."""
     snapshot = request.app[GATEWAY].snapshot
     try:
         key = snapshot.authenticate(either_key_header(request.headers))
     except GatewayError as err:
-        return error_response(err, {})
+        return _refused(err, request.headers)
     allowed = key.allow if key is not None else None
     data = [_entry(name, owner) for name, owner in _catalogue(snapshot.config).items()
             if allowed is None or name in allowed]
-    return json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data, "has_more": False,       # Anthropic's paging fields
+                          "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None})
 
 
 async def model(request: web.Request) -> web.Response:
@@ -107,7 +122,7 @@ async def model(request: web.Request) -> web.Response:
         if target is None or not snapshot.may_use(key, asked):
             raise not_found(f"the model '{asked}' does not exist; GET /v1/models lists them")
     except GatewayError as err:
-        return error_response(err, {})
+        return _refused(err, request.headers)
     return json_response(_entry(asked, _catalogue(snapshot.config)[target]))
 
 
