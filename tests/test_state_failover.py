@@ -220,3 +220,40 @@ async def test_a_probe_that_ends_while_redis_is_away_frees_its_slot_on_the_retur
         assert isinstance(again, Grant) and again.probe
     finally:
         await state.close()
+
+
+async def test_the_admissions_own_connections_survive_a_restart_and_never_read_a_stale_answer(
+        own_redis: RedisServer) -> None:
+    """The admission borrows its connections outside the client's pool (`DirectLane`): one
+    Redis closed is replaced before use, and one whose answer never came before its call was
+    given up is never lent again (its late answer would reach the next admission instead)."""
+    clock = Clock()
+    redis = RedisState(connect(own_redis.url, None, 0.5), prefix="lane", timeout_s=0.3, clock=clock)
+    await redis.start()
+
+    def take(amount: int) -> Admission:
+        return Admission((Option("m/a/0", (BucketSpec(TPM, 6000, amount, tokens=True),)),))
+
+    try:
+        assert isinstance(await redis.admit(take(1)), Grant)
+        killer = connect(own_redis.url, None, 0.5)
+        await killer.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")   # as a restart would
+        await killer.aclose()
+        await asyncio.sleep(0.05)                           # the close has reached this side
+        assert isinstance(await redis.admit(take(1)), Grant), "a closed connection is replaced, not failed on"
+
+        own_redis.pause()
+        try:
+            with pytest.raises(StateUnavailable, match="timed out"):
+                await redis.admit(take(1000))
+            await asyncio.sleep(1.3)                        # past LATE_S: the call is given up mid-read
+        finally:
+            own_redis.resume()
+        await asyncio.sleep(0.1)                            # its answer arrives on that connection
+        # 6000 tokens: 1000 went to the late call. Each answer must be its own: a Grant for 4000, then a
+        # refusal for 2000 (nothing left). A stale answer would read the late Grant first, then this Grant.
+        assert isinstance(await redis.admit(take(4000)), Grant)
+        refused = await redis.admit(take(2000))
+        assert isinstance(refused, Refusal) and refused.reason == "rate_limited", refused
+    finally:
+        await redis.close()

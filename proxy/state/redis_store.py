@@ -34,9 +34,11 @@ from typing import Any
 
 import orjson
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from ..breaker import BreakerPolicy
 from .store import (
@@ -82,6 +84,56 @@ def connect(url: str, password: str | None, timeout_s: float) -> Redis:
     return Redis(connection_pool=pool)
 
 
+class DirectLane:
+    """Connections the admission borrows without going through the client's pool.
+
+    The admission is the one Redis call on every request's path, and the client's lending
+    around a call (the pool's lock, its observability hooks, the retry wrapper) cost about
+    0.13 ms of a 0.35 ms call measured at 200 calls/s on a 2-vCPU VM (a raw round trip took
+    0.14 ms). The connections are still redis-py's own (AUTH, TLS, unix sockets, the hiredis
+    reply parser); only the lending is here. `RedisState` lets at most MAX_CONNECTIONS calls
+    out at once, so at most that many are ever open here.
+
+    An idle connection Redis has closed (a restart, its `timeout` setting) fails on its next
+    use; that call is sent once more on a new connection. Redis closes a connection between
+    commands, not in the middle of one that is running, so the script did not run; only if
+    Redis died mid-call could it run twice, and then its state is gone anyway.
+    """
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+        self._idle: list[AbstractConnection] = []
+
+    async def call(self, *words: Any) -> Any:
+        if not self._idle:
+            return await self._exchange(self._pool.make_connection(), words)
+        try:
+            return await self._exchange(self._idle.pop(), words)
+        except RedisConnectionError:
+            return await self._exchange(self._pool.make_connection(), words)
+
+    async def _exchange(self, connection: AbstractConnection, words: tuple[Any, ...]) -> Any:
+        try:
+            await connection.connect()
+            await connection.send_command(*words)
+            answer = await connection.read_response()
+        except ResponseError:
+            self._idle.append(connection)       # an error reply, read whole: the connection is clean
+            raise
+        except BaseException:                   # anything else may leave a reply unread: never reuse it
+            with contextlib.suppress(Exception):
+                await connection.disconnect(nowait=True)
+            raise
+        self._idle.append(connection)
+        return answer
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            with contextlib.suppress(Exception):
+                await connection.disconnect(nowait=True)
+
+
 @dataclass(slots=True)
 class _Queued:
     script: str | None          # a script name, or None for a plain command
@@ -113,6 +165,7 @@ class RedisState:
         # A burst of more calls than pooled connections is load, not an outage: the rest wait
         # for a connection within their bound (the pool itself would fail them at once).
         self._connections = asyncio.Semaphore(MAX_CONNECTIONS)
+        self._lane = DirectLane(client.connection_pool)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -135,6 +188,7 @@ class RedisState:
                         await (self._flushing or self._start_flush())
             except (TimeoutError, StateUnavailable):
                 pass
+        await self._lane.close()
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
 
@@ -162,14 +216,16 @@ class RedisState:
         self.health.observe((time.perf_counter() - started) * 1000)
         return result
 
-    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    async def _script(self, name: str, keys: list[str], args: list[Any], *, direct: bool = False) -> Any:
+        """Run a script by its digest; `direct`: on the admission's own connections (`DirectLane`)."""
         if name not in self._shas:
             await self._load_scripts()
+        send = self._lane.call if direct else self.client.execute_command
         try:
-            return await self.client.evalsha(self._shas[name], len(keys), *keys, *args)
+            return await send("EVALSHA", self._shas[name], len(keys), *keys, *args)
         except NoScriptError:               # Redis restarted and forgot the scripts
             await self._load_scripts()
-            return await self.client.evalsha(self._shas[name], len(keys), *keys, *args)
+            return await send("EVALSHA", self._shas[name], len(keys), *keys, *args)
 
     def _key(self, kind: str, name: str) -> str:
         return f"{self.prefix}:{kind}:{name}"
@@ -194,7 +250,7 @@ class RedisState:
         # The script runs as a call of its own: past the bound, or when the request goes away,
         # it may still run on the server, so it goes on and hands back what it reserved rather
         # than leave a probe slot taken until its lease ends (the request's whole time budget).
-        call = asyncio.ensure_future(self._pooled(lambda: self._script("admit", keys, args)))
+        call = asyncio.ensure_future(self._pooled(lambda: self._script("admit", keys, args, direct=True)))
         try:
             answer = await self._bounded("admit", lambda: asyncio.shield(call), pooled=False)
         except BaseException:
@@ -255,6 +311,7 @@ class RedisState:
         """Drop every pooled connection: after an outage they may lead to a Redis that is gone,
         and each would fail once more on its first use."""
         await self.client.connection_pool.disconnect()
+        await self._lane.close()
 
     # ------------------------------------------------------------------ view
 
