@@ -16,7 +16,7 @@ import pytest
 from proxy.breaker import BreakerPolicy
 from proxy.state import Admission, BucketSpec, Grant, MemoryState, Option, Outcome, Refusal
 from proxy.state.failover import SharedState
-from proxy.state.redis_store import MAX_CONNECTIONS, RedisState, StateUnavailable, connect
+from proxy.state.redis_store import MAX_CONNECTIONS, DirectLane, RedisState, StateUnavailable, connect
 
 from .redis_support import RedisServer
 
@@ -257,3 +257,25 @@ async def test_the_admissions_own_connections_survive_a_restart_and_never_read_a
         assert isinstance(refused, Refusal) and refused.reason == "rate_limited", refused
     finally:
         await redis.close()
+
+
+async def test_a_call_in_flight_when_the_lane_closes_leaves_no_connection_open(own_redis: RedisServer) -> None:
+    """Closed at shutdown or after an outage: a call still running then finishes, and its
+    connection is closed rather than kept in a lane nothing will use (no socket left behind)."""
+    lane = DirectLane(connect(own_redis.url, None, 0.5).connection_pool)
+    watcher = connect(own_redis.url, None, 0.5)
+    try:
+        await lane.call("PING")
+        await lane.drop_idle()                              # after an outage: the lane goes on lending
+        await lane.call("PING")
+        clients = (await watcher.execute_command("CLIENT", "LIST")).decode().strip().splitlines()
+        assert len(clients) == 2, clients                   # the watcher's and the one the lane keeps
+        in_flight = asyncio.ensure_future(lane.call("BLPOP", "lane:nothing", "0.3"))    # answers nil after 0.3 s
+        await asyncio.sleep(0.1)
+        await lane.close()
+        assert await in_flight is None
+        await asyncio.sleep(0.05)
+        clients = (await watcher.execute_command("CLIENT", "LIST")).decode().strip().splitlines()
+        assert len(clients) == 1, clients                   # the watcher's own
+    finally:
+        await watcher.aclose()

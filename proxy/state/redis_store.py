@@ -8,8 +8,10 @@ is sent as one pipeline every few milliseconds, off the client's byte path.
 
 Every call is bounded by `timeout_s` (the wait for one of the pool's connections
 included); a failure or a timeout raises `StateUnavailable` (the failover wrapper in
-`failover` then serves from local shares). Nothing here retries a failed call; a script
-that Redis forgot (NOSCRIPT: restarted, or SCRIPT FLUSH) is loaded and sent once more.
+`failover` then serves from local shares). Nothing here retries a failed call, with two
+exceptions: a script that Redis forgot (NOSCRIPT: restarted, or SCRIPT FLUSH) is loaded and
+sent once more, and an admission whose idle connection Redis had closed is sent once more
+on a new one (`DirectLane`).
 An admission whose caller stopped waiting (past the bound, or the client left) still
 runs on the server: its answer is awaited by itself and what it granted handed back.
 A probe slot whose settle never comes (its instance died) frees after its lease; a
@@ -96,13 +98,17 @@ class DirectLane:
 
     An idle connection Redis has closed (a restart, its `timeout` setting) fails on its next
     use; that call is sent once more on a new connection. Redis closes a connection between
-    commands, not in the middle of one that is running, so the script did not run; only if
-    Redis died mid-call could it run twice, and then its state is gone anyway.
+    commands (a restart, `timeout`, CLIENT KILL), so the script did not run. Only a link cut
+    after Redis ran it and before its answer arrived (a proxy in between resetting it) runs
+    it twice: one request's reservation is then spent twice until the bucket refills, and a
+    probe slot it took waits for its lease. Not retrying would be worse: one stale
+    connection would send the whole process to local limits.
     """
 
     def __init__(self, pool: ConnectionPool) -> None:
         self._pool = pool
         self._idle: list[AbstractConnection] = []
+        self._closed = False
 
     async def call(self, *words: Any) -> Any:
         if not self._idle:
@@ -118,16 +124,28 @@ class DirectLane:
             await connection.send_command(*words)
             answer = await connection.read_response()
         except ResponseError:
-            self._idle.append(connection)       # an error reply, read whole: the connection is clean
+            await self._put_back(connection)    # an error reply, read whole: the connection is clean
             raise
         except BaseException:                   # anything else may leave a reply unread: never reuse it
             with contextlib.suppress(Exception):
                 await connection.disconnect(nowait=True)
             raise
-        self._idle.append(connection)
+        await self._put_back(connection)
         return answer
 
+    async def _put_back(self, connection: AbstractConnection) -> None:
+        if self._closed:                        # a call that was in flight at close: nothing will lend it again
+            with contextlib.suppress(Exception):
+                await connection.disconnect(nowait=True)
+        else:
+            self._idle.append(connection)
+
     async def close(self) -> None:
+        self._closed = True
+        await self.drop_idle()
+
+    async def drop_idle(self) -> None:
+        """Disconnect the idle connections (after an outage they may lead to a Redis that is gone)."""
         idle, self._idle = self._idle, []
         for connection in idle:
             with contextlib.suppress(Exception):
@@ -311,7 +329,7 @@ class RedisState:
         """Drop every pooled connection: after an outage they may lead to a Redis that is gone,
         and each would fail once more on its first use."""
         await self.client.connection_pool.disconnect()
-        await self._lane.close()
+        await self._lane.drop_idle()
 
     # ------------------------------------------------------------------ view
 
